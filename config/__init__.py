@@ -1,0 +1,1 @@
+"""Settings, logging and provider presets: everything a process reads once at start-up."""

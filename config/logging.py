@@ -1,0 +1,141 @@
+"""structlog JSON logging with redaction, configured once per process.
+
+Two independent nets keep secrets out of logs: any value under a key that names a secret is
+replaced, and any string equal to a secret the process has handled (registered by the code
+that decrypts or receives it) is replaced wherever it appears.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+REDACTED = "[redacted]"
+# Keys whose values are never logged. "code" covers authorization codes; "_fp" fingerprints are
+# keyed hashes and safe, so they are exempt.
+SECRET_KEY_PATTERN = re.compile(
+    r"(token|secret|password|passwd|authorization|api[_-]?key|^code$|_code$|cookie|credential)",
+    re.IGNORECASE,
+)
+SAFE_KEY_PATTERN = re.compile(r"(_fp|_class|_count|_at|_id|_hint|_type|_url)$")
+
+
+class SecretRegistry:
+    """The secrets this process has held, most recent first, bounded in size."""
+
+    def __init__(self, capacity: int = 20000):
+        self._values: OrderedDict[str, None] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def add(self, value: str | None) -> None:
+        if not value or len(value) < 8:
+            return
+        with self._lock:
+            self._values[value] = None
+            self._values.move_to_end(value)
+            while len(self._values) > self._capacity:
+                self._values.popitem(last=False)
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, str) and value in self._values
+
+    def scrub(self, text: str) -> str:
+        """Replace any held secret that appears inside ``text``."""
+        with self._lock:
+            candidates = list(self._values)
+        for secret in candidates:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+
+secrets_held = SecretRegistry()
+
+
+def _redact_value(key: str, value: Any) -> Any:
+    if isinstance(value, str):
+        if SECRET_KEY_PATTERN.search(key) and not SAFE_KEY_PATTERN.search(key):
+            return REDACTED
+        if value in secrets_held:
+            return REDACTED
+        return value
+    if isinstance(value, dict):
+        return {k: _redact_value(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_value(key, v) for v in value]
+    if SECRET_KEY_PATTERN.search(key) and not SAFE_KEY_PATTERN.search(key) and value is not None:
+        if isinstance(value, bool | int | float):
+            return value
+        return REDACTED
+    return value
+
+
+def redact(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: the last step before rendering."""
+    for key in list(event_dict):
+        event_dict[key] = _redact_value(key, event_dict[key])
+    return event_dict
+
+
+def scrub_rendered(_logger: Any, _method: str, rendered: str) -> str:
+    """After rendering: exception texts and anything else that slipped into the line."""
+    return secrets_held.scrub(rendered)
+
+
+_configured = False
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Idempotent; JSON lines on stdout for our events, stdlib logging routed the same way."""
+    global _configured  # noqa: PLW0603 - logging is process-global by nature
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.processors.JSONRenderer(), scrub_rendered],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=False,
+    )
+    if not _configured:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                processors=[
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.JSONRenderer(),
+                    scrub_rendered,
+                ],
+                foreign_pre_chain=[
+                    structlog.stdlib.add_log_level,
+                    structlog.stdlib.add_logger_name,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    structlog.processors.format_exc_info,
+                    redact,
+                ],
+            )
+        )
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(numeric)
+        # httpx/httpcore log request lines at INFO/DEBUG; bodies never, but keep them quiet.
+        for noisy in ("httpx", "httpcore"):
+            logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+        _configured = True

@@ -1,0 +1,144 @@
+"""Typed settings from ``GRANTKEEPER_*`` environment variables and an optional ``.env``.
+
+Built once per process by :func:`get_settings` (never at import time), so tests construct
+``Settings(...)`` directly and a worker reads its environment when its process starts.
+Unknown ``GRANTKEEPER_*`` variables are rejected: a typo must fail loudly, not fall back to a
+default silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "GRANTKEEPER_"
+
+# Where the embedded SQLite database lives when no GRANTKEEPER_DATABASE_URL is given.
+DEFAULT_DATA_DIR = Path("var")
+
+
+class Settings(BaseSettings):
+    """Everything configurable. Every field maps to ``GRANTKEEPER_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="forbid",
+        frozen=True,
+    )
+
+    env: Literal["development", "production"] = "development"
+
+    # Storage. None means: an embedded SQLite file under data_dir (owner-only permissions).
+    database_url: SecretStr | None = None
+    data_dir: Path = DEFAULT_DATA_DIR
+    database_pool_size: int = Field(default=20, ge=1)
+
+    # Redis: cache and locks; also the Celery broker unless broker_url is set.
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    broker_url: SecretStr | None = None
+    # Every grantkeeper key in Redis starts with this, so a compromise flush never touches
+    # anything else in a shared Redis database.
+    redis_key_prefix: str = "gk:"
+
+    # Keyring: "kid:base64url-32-bytes,kid2:..." ; the primary encrypts, all decrypt.
+    encryption_keys: SecretStr | None = None
+    primary_key_id: str | None = None
+
+    # Refresh timing (seconds).
+    refresh_margin_seconds: int = Field(default=300, ge=1)
+    scan_interval_seconds: float = Field(default=30.0, gt=0)
+    # A token read through the library API must stay valid at least this long.
+    min_token_validity_seconds: int = Field(default=30, ge=0)
+    # Expiry is computed from when the request was sent minus this, to absorb clock skew.
+    clock_skew_seconds: int = Field(default=30, ge=0)
+    # Used when a provider omits expires_in: conservative on purpose.
+    default_access_ttl_seconds: int = Field(default=600, ge=1)
+    scan_batch_limit: int = Field(default=5000, ge=1)
+
+    # HTTP to token endpoints.
+    http_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    http_read_timeout_seconds: float = Field(default=15.0, gt=0)
+    http_max_connections: int = Field(default=100, ge=1)
+    http_max_response_bytes: int = Field(default=64 * 1024, ge=1024)
+
+    # The refresh lock: must outlive the worst-case provider call (validated below).
+    lock_ttl_seconds: float = Field(default=60.0, gt=0)
+    lock_wait_seconds: float = Field(default=30.0, ge=0)
+
+    # Worker.
+    worker_concurrency: int = Field(default=32, ge=1)
+    max_transient_retries: int = Field(default=8, ge=0)
+
+    log_level: str = "INFO"
+    log_http_bodies: bool = False
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, dotenv_settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_environment(cls, data: Any) -> Any:
+        known = {ENV_PREFIX + name.upper() for name in cls.model_fields}
+        unknown = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in known)
+        if unknown:
+            raise ValueError(
+                f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return data
+
+    @field_validator("redis_key_prefix")
+    @classmethod
+    def _prefix_is_specific(cls, value: str) -> str:
+        if len(value) < 2:
+            raise ValueError("redis_key_prefix must be at least 2 characters (e.g. 'gk:')")
+        return value
+
+    @model_validator(mode="after")
+    def _lock_outlives_provider_call(self) -> Settings:
+        worst_call = self.http_connect_timeout_seconds + self.http_read_timeout_seconds
+        if self.lock_ttl_seconds < 2 * worst_call:
+            raise ValueError(
+                f"lock_ttl_seconds ({self.lock_ttl_seconds}) must be at least twice the worst-case"
+                f" provider call ({worst_call} s), or a second worker could refresh with a"
+                " refresh token the first one is still using"
+            )
+        return self
+
+    @property
+    def effective_broker_url(self) -> str:
+        return (self.broker_url or self.redis_url).get_secret_value()
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "grantkeeper.db"
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{self.sqlite_path}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process's settings, read from the environment once."""
+    return Settings()

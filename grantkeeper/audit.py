@@ -1,0 +1,94 @@
+"""The audit trail: every state change becomes one structlog JSON line and one row in the
+append-only ``audit_events`` table. Nothing secret goes in; a keyed fingerprint may identify
+a token without revealing it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import hmac
+import os
+import socket
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from grantkeeper import repository
+
+log = structlog.get_logger("grantkeeper.audit")
+
+
+def worker_actor() -> str:
+    return f"worker:{socket.gethostname()}:{os.getpid()}"
+
+
+def cli_actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"cli:{user}@{socket.gethostname()}"
+
+
+def fingerprint(key: bytes, token: str) -> str:
+    """12 hex chars of HMAC-SHA256: correlates tokens across events, reveals nothing."""
+    return hmac.new(key, token.encode(), hashlib.sha256).hexdigest()[:12]
+
+
+class Auditor:
+    def __init__(
+        self,
+        engine: Engine,
+        actor: str,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ):
+        self.engine = engine
+        self.actor = actor
+        self.clock = clock
+
+    def emit(
+        self,
+        event: str,
+        outcome: str,
+        *,
+        connection_id: str | None = None,
+        provider: str | None = None,
+        key_id: str | None = None,
+        version: int | None = None,
+        **details: Any,
+    ) -> None:
+        """Log and persist one event. A database failure is logged, never raised: the audit
+        line on stdout still exists, and the operation it describes already happened."""
+        at = self.clock()
+        level = "warning" if outcome in {"failed", "error", "refused"} else "info"
+        getattr(log, level)(
+            event,
+            outcome=outcome,
+            connection_id=connection_id,
+            provider=provider,
+            key_id=key_id,
+            version=version,
+            actor=self.actor,
+            **details,
+        )
+        row = {
+            "at": at,
+            "event": event,
+            "outcome": outcome,
+            "connection_id": connection_id,
+            "provider": provider,
+            "actor": self.actor,
+            "key_id": key_id,
+            "version": version,
+            "details": details,
+        }
+        try:
+            with self.engine.begin() as conn:
+                repository.insert_audit_events(conn, [row])
+        except SQLAlchemyError as exc:
+            log.error("audit.persist_failed", event_name=event, error_class=type(exc).__name__)

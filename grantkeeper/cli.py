@@ -1,0 +1,278 @@
+"""The operator CLI: ``grantkeeper ...``. Thin: parse, call a service, print.
+
+Exit codes: 0 success; 1 a classified error (message on stderr); 2 usage error.
+Output meant for scripts (``--json``) goes to stdout; progress and messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from config.logging import configure_logging
+from config.presets import PRESETS
+from config.settings import Settings, get_settings
+from grantkeeper import repository
+from grantkeeper.audit import cli_actor
+from grantkeeper.crypto import generate_key_entry
+from grantkeeper.errors import GrantkeeperError
+from grantkeeper.runtime import Runtime, set_runtime
+
+app = typer.Typer(help="grantkeeper: keeps OAuth 2.0 grants alive, safely.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+keys_app = typer.Typer(help="Encryption keys.", no_args_is_help=True)
+providers_app = typer.Typer(help="OAuth providers (token endpoints and client credentials).", no_args_is_help=True)
+connections_app = typer.Typer(help="Connected accounts and their grants.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+app.add_typer(providers_app, name="providers")
+app.add_typer(connections_app, name="connections")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _runtime() -> Runtime:
+    try:
+        settings = get_settings()
+    except ValueError as exc:
+        raise GrantkeeperError(f"invalid configuration: {exc}") from None
+    configure_logging(settings.log_level)
+    rt = Runtime(settings, actor=cli_actor())
+    rt.keyring  # noqa: B018 - a missing keyring is reported before anything else happens
+    set_runtime(rt)
+    return rt
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _connection_view(record: repository.ConnectionRecord, provider_name: str | None) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "provider": provider_name,
+        "account": record.account,
+        "status": record.status,
+        "version": record.version,
+        "access_expires_at": _iso(record.access_expires_at),
+        "last_refresh_at": _iso(record.last_refresh_at),
+        "refresh_count": record.refresh_count,
+        "failure_count": record.failure_count,
+        "last_error_class": record.last_error_class,
+    }
+
+
+# -- db ----------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the schema to the latest revision."""
+    from grantkeeper.db import create_db_engine, current_revision, upgrade  # noqa: PLC0415
+
+    settings = get_settings()
+    engine = create_db_engine(settings)
+    upgrade(engine)
+    err.print(f"schema at revision {current_revision(engine)}")
+    engine.dispose()
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+@keys_app.command("generate")
+def keys_generate() -> None:
+    """Print a new keyring entry (KEY_ID:KEY, 256 random bits) for GRANTKEEPER_ENCRYPTION_KEYS."""
+    print(generate_key_entry())  # noqa: T201 - the output is the point
+    err.print(
+        "Put it first in GRANTKEEPER_ENCRYPTION_KEYS (comma-separated; the first entry, or"
+        " GRANTKEEPER_PRIMARY_KEY_ID, is the primary). Store it like a password."
+    )
+
+
+# -- providers ---------------------------------------------------------------------------------
+
+
+@providers_app.command("add")
+def providers_add(
+    name: str,
+    client_id: Annotated[str, typer.Option("--client-id")],
+    client_secret_stdin: Annotated[bool, typer.Option("--client-secret-stdin", help="Read the client secret from stdin (never from an argument).")] = False,
+    preset: Annotated[str | None, typer.Option("--preset", help=f"One of: {', '.join(PRESETS)}")] = None,
+    token_url: Annotated[str | None, typer.Option("--token-url")] = None,
+    revocation_url: Annotated[str | None, typer.Option("--revocation-url")] = None,
+    authorization_url: Annotated[str | None, typer.Option("--authorization-url")] = None,
+    auth_method: Annotated[str | None, typer.Option("--auth-method", help="client_secret_basic or client_secret_post")] = None,
+    default_access_ttl: Annotated[int | None, typer.Option("--default-access-ttl", help="Seconds, used when a response omits expires_in.")] = None,
+) -> None:
+    """Register a provider. The client secret is read from stdin and stored encrypted."""
+    from grantkeeper.connections import ProviderSpec, add_provider  # noqa: PLC0415
+
+    if not client_secret_stdin:
+        raise typer.BadParameter("pass --client-secret-stdin and pipe the secret in", param_hint="--client-secret-stdin")
+    if (preset is None) == (token_url is None):
+        raise typer.BadParameter("give exactly one of --preset or --token-url")
+    secret = sys.stdin.readline().strip()
+    base = PRESETS.get(preset) if preset else None
+    if preset and base is None:
+        raise typer.BadParameter(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    spec = ProviderSpec(
+        name=name,
+        token_url=token_url or (base.token_url if base else ""),
+        client_id=client_id,
+        client_secret=secret,
+        auth_method=auth_method or (base.auth_method if base else "client_secret_basic"),
+        revocation_url=revocation_url or (base.revocation_url if base else None),
+        authorization_url=authorization_url or (base.authorization_url if base else None),
+        scopes=base.scopes if base else None,
+        default_access_ttl=default_access_ttl or (base.default_access_ttl if base else None),
+    )
+    provider_id = add_provider(_runtime(), spec)
+    print(provider_id)  # noqa: T201
+
+
+@providers_app.command("list")
+def providers_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List providers (never their secrets)."""
+    rt = _runtime()
+    with rt.engine.connect() as conn:
+        rows = repository.list_providers(conn)
+    items = [
+        {
+            "id": p.id,
+            "name": p.name,
+            "token_url": p.token_url,
+            "revocation_url": p.revocation_url,
+            "auth_method": p.auth_method,
+            "client_id": p.client_id,
+        }
+        for p in rows
+    ]
+    if as_json:
+        print(json.dumps(items, indent=2))  # noqa: T201
+        return
+    table = Table("name", "token url", "revocation", "auth method", "client id")
+    for p in items:
+        table.add_row(p["name"], p["token_url"], p["revocation_url"] or "-", p["auth_method"], p["client_id"])
+    out.print(table)
+
+
+# -- connections -------------------------------------------------------------------------------
+
+
+@connections_app.command("import")
+def connections_import(
+    provider: Annotated[str, typer.Option("--provider")],
+    account: Annotated[str, typer.Option("--account")],
+) -> None:
+    """Import a token pair: the provider's token response JSON on stdin. Prints the new id."""
+    from grantkeeper.connections import import_connection  # noqa: PLC0415
+
+    raw = sys.stdin.buffer.read()
+    print(import_connection(_runtime(), provider, account, raw))  # noqa: T201
+
+
+@connections_app.command("list")
+def connections_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every connection: status, expiry, refreshes, version. Never a token."""
+    rt = _runtime()
+    with rt.engine.connect() as conn:
+        names = {p.id: p.name for p in repository.list_providers(conn)}
+        views = [_connection_view(r, names.get(r.provider_id)) for r in repository.list_connections(conn)]
+    if as_json:
+        print(json.dumps(views, indent=2))  # noqa: T201
+        return
+    table = Table("id", "provider", "account", "status", "expires", "refreshes", "version", "last error")
+    for v in views:
+        table.add_row(
+            v["id"], v["provider"] or "?", v["account"], v["status"], v["access_expires_at"] or "-",
+            str(v["refresh_count"]), str(v["version"]), v["last_error_class"] or "",
+        )
+    out.print(table)
+
+
+@connections_app.command("show")
+def connections_show(connection_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """One connection's state. Never a token."""
+    rt = _runtime()
+    with rt.engine.connect() as conn:
+        record = repository.get_connection(conn, connection_id)
+        provider = repository.get_provider(conn, record.provider_id) if record else None
+    if record is None:
+        raise GrantkeeperError(f"no connection {connection_id}")
+    view = _connection_view(record, provider.name if provider else None)
+    if as_json:
+        print(json.dumps(view, indent=2))  # noqa: T201
+        return
+    for key, value in view.items():
+        out.print(f"{key:18} {value if value is not None else '-'}")
+
+
+# -- tokens ------------------------------------------------------------------------------------
+
+
+@app.command("token")
+def token(connection_id: str) -> None:
+    """Print a currently valid access token (from the cache, or refreshed under the lock)."""
+    from grantkeeper.api import TokenReader  # noqa: PLC0415
+
+    print(TokenReader(_runtime()).get(connection_id))  # noqa: T201
+
+
+@app.command("refresh")
+def refresh(connection_id: str) -> None:
+    """Refresh now, through the same lock and fencing as the worker."""
+    from grantkeeper.refresh import RefreshService  # noqa: PLC0415
+
+    rt = _runtime()
+    result = RefreshService(rt).refresh(
+        connection_id, reason="manual", force=True, wait=rt.settings.lock_wait_seconds
+    )
+    err.print(f"{connection_id}: {result.outcome.value} (version {result.version}, expires {_iso(result.access_expires_at)})")
+    if result.error is not None:
+        raise result.error
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo(
+    connections: Annotated[int, typer.Option(help="How many demo connections.")] = 30,
+    seconds: Annotated[int, typer.Option(help="How long to run.")] = 45,
+    access_ttl: Annotated[int, typer.Option(help="Access token lifetime at the demo server.")] = 12,
+) -> None:
+    """The main job on a local OAuth server: real worker and beat refreshing short-lived tokens."""
+    from grantkeeper.demo import run_demo  # noqa: PLC0415
+
+    raise typer.Exit(run_demo(connections=connections, seconds=seconds, access_ttl=access_ttl))
+
+
+def main() -> None:
+    """Entry point: classified errors become one clear line and exit code 1."""
+    try:
+        app(standalone_mode=False)
+    except GrantkeeperError as exc:
+        err.print(f"[red]error[/red] ({exc.error_class}): {exc}")
+        sys.exit(1)
+    except (typer.Exit, SystemExit) as exc:
+        code = exc.exit_code if isinstance(exc, typer.Exit) else exc.code
+        sys.exit(code if isinstance(code, int) else 0)
+    except Exception as exc:  # noqa: BLE001 - click's usage errors and anything unforeseen
+        import click  # noqa: PLC0415
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+__all__ = ["Settings", "UTC", "app", "main"]

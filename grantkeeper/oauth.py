@@ -1,0 +1,113 @@
+"""The HTTP side: calls to providers' token endpoints. Only this module talks to providers.
+
+The client secret and refresh token appear in exactly one place, the request that needs them.
+Responses are read with a size limit (a provider answering with megabytes is an error, not a
+memory problem) and classified by :mod:`grantkeeper.token_response`.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from urllib.parse import quote
+
+import httpx
+
+from grantkeeper.errors import MalformedResponse, TransientProviderError
+from grantkeeper.token_response import TokenSet, parse_retry_after, parse_token_response
+
+AUTH_METHODS = ("client_secret_basic", "client_secret_post")
+
+
+@dataclass(frozen=True)
+class ProviderEndpoint:
+    """What a token request needs of a provider; the secret already decrypted."""
+
+    token_url: str
+    auth_method: str
+    client_id: str
+    client_secret: str
+    default_access_ttl: timedelta
+
+
+def basic_auth_header(client_id: str, client_secret: str) -> str:
+    """RFC 6749 2.3.1: id and secret are form-urlencoded before base64."""
+    pair = f"{quote(client_id, safe='')}:{quote(client_secret, safe='')}"
+    return "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+
+
+def build_http_client(
+    connect_timeout: float, read_timeout: float, max_connections: int
+) -> httpx.Client:
+    return httpx.Client(
+        timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+        limits=httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        ),
+        follow_redirects=False,
+        headers={"Accept": "application/json", "User-Agent": "grantkeeper/0.1"},
+    )
+
+
+class OAuthClient:
+    def __init__(self, http: httpx.Client, *, max_response_bytes: int, skew: timedelta):
+        self.http = http
+        self.max_response_bytes = max_response_bytes
+        self.skew = skew
+
+    def _authenticated(
+        self, endpoint: ProviderEndpoint, form: dict[str, str]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        if endpoint.auth_method == "client_secret_basic":
+            headers["Authorization"] = basic_auth_header(endpoint.client_id, endpoint.client_secret)
+        else:
+            form = {
+                **form,
+                "client_id": endpoint.client_id,
+                "client_secret": endpoint.client_secret,
+            }
+        return headers, form
+
+    def _post(
+        self, url: str, headers: dict[str, str], form: dict[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
+        try:
+            with self.http.stream("POST", url, data=form, headers=headers) as response:
+                chunks: list[bytes] = []
+                size = 0
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    if size > self.max_response_bytes:
+                        raise MalformedResponse(
+                            f"response larger than {self.max_response_bytes} bytes",
+                            http_status=response.status_code,
+                        )
+                    chunks.append(chunk)
+                return response.status_code, dict(response.headers), b"".join(chunks)
+        except httpx.TimeoutException as exc:
+            raise TransientProviderError(
+                f"token endpoint timed out ({type(exc).__name__})"
+            ) from None
+        except httpx.RemoteProtocolError:
+            raise MalformedResponse("response cut short or not valid HTTP") from None
+        except httpx.TransportError as exc:
+            raise TransientProviderError(f"network error ({type(exc).__name__})") from None
+
+    def refresh(self, endpoint: ProviderEndpoint, refresh_token: str) -> TokenSet:
+        """One refresh_token grant. Raises a classified ProviderError on any failure."""
+        headers, form = self._authenticated(
+            endpoint, {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        )
+        sent_at = datetime.now(UTC)
+        status, response_headers, raw = self._post(endpoint.token_url, headers, form)
+        retry_after = parse_retry_after(response_headers.get("retry-after"), datetime.now(UTC))
+        return parse_token_response(
+            status,
+            raw,
+            sent_at=sent_at,
+            default_ttl=endpoint.default_access_ttl,
+            skew=self.skew,
+            retry_after=retry_after,
+        )

@@ -1,0 +1,347 @@
+"""The refresh of one connection: lock, re-read, call the provider, fenced write, cache, audit.
+
+Ordering is the safety argument:
+
+1. Take the connection's Redis lock (owner token, TTL longer than the worst provider call).
+   Without Redis there is no lock, and without a lock there is no refresh (fail closed).
+2. Re-read the row under the lock. If its version moved since we looked, another process
+   refreshed it: use that result, do not call the provider (a second call would present a
+   consumed refresh token, and reuse detection would kill the grant).
+3. Renew the lock to its full TTL, then call the provider.
+4. Persist first: ``UPDATE ... WHERE version = :seen``. Then the cache, then release the
+   lock, then the audit event. A failure never overwrites or deletes a stored token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+
+import redis
+import structlog
+from redis.exceptions import LockError
+
+from grantkeeper import repository, sealing
+from grantkeeper.errors import (
+    ConnectionNotFound,
+    DecryptionError,
+    FencedWrite,
+    GrantkeeperError,
+    ProviderError,
+)
+from grantkeeper.models import ACTIVE, REAUTH_REQUIRED
+from grantkeeper.oauth import ProviderEndpoint
+from grantkeeper.repository import ConnectionRecord, ProviderRecord
+from grantkeeper.runtime import Runtime
+from grantkeeper.timing import cache_ttl_seconds, is_due
+from grantkeeper.token_response import TokenSet
+
+log = structlog.get_logger("grantkeeper.refresh")
+
+
+class Outcome(StrEnum):
+    REFRESHED = "refreshed"
+    NOT_DUE = "not_due"
+    REFRESHED_ELSEWHERE = "refreshed_elsewhere"
+    CONTENDED = "contended"
+    UNAVAILABLE = "unavailable"
+    FAILED_TRANSIENT = "failed_transient"
+    FAILED_PERMANENT = "failed_permanent"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    outcome: Outcome
+    connection_id: str
+    version: int
+    access_expires_at: datetime | None
+    access_token_ct: str | None = None
+    error: GrantkeeperError | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in {Outcome.REFRESHED, Outcome.REFRESHED_ELSEWHERE, Outcome.NOT_DUE}
+
+    @property
+    def retry_after(self) -> float | None:
+        return self.error.retry_after if isinstance(self.error, ProviderError) else None
+
+
+def endpoint_for(runtime: Runtime, provider: ProviderRecord) -> ProviderEndpoint:
+    secret = sealing.unseal(
+        runtime.keyring,
+        sealing.PROVIDERS,
+        provider.id,
+        sealing.CLIENT_SECRET,
+        provider.client_secret_ct,
+    )
+    ttl = provider.default_access_ttl or runtime.settings.default_access_ttl_seconds
+    return ProviderEndpoint(
+        token_url=provider.token_url,
+        auth_method=provider.auth_method,
+        client_id=provider.client_id,
+        client_secret=secret,
+        default_access_ttl=timedelta(seconds=ttl),
+    )
+
+
+class RefreshService:
+    def __init__(self, runtime: Runtime, clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
+        self.rt = runtime
+        self.clock = clock
+        self.margin = timedelta(seconds=runtime.settings.refresh_margin_seconds)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _load(self, connection_id: str) -> tuple[ConnectionRecord, ProviderRecord]:
+        with self.rt.engine.connect() as conn:
+            record = repository.get_connection(conn, connection_id)
+            if record is None:
+                raise ConnectionNotFound(f"no connection {connection_id}")
+            provider = repository.get_provider(conn, record.provider_id)
+        if provider is None:
+            raise ConnectionNotFound(f"connection {connection_id} has no provider")
+        return record, provider
+
+    def _result(
+        self, outcome: Outcome, record: ConnectionRecord, error: GrantkeeperError | None = None
+    ) -> RefreshResult:
+        return RefreshResult(
+            outcome=outcome,
+            connection_id=record.id,
+            version=record.version,
+            access_expires_at=record.access_expires_at,
+            access_token_ct=record.access_token_ct,
+            error=error,
+        )
+
+    # -- the refresh -----------------------------------------------------------------------
+
+    def refresh(
+        self,
+        connection_id: str,
+        *,
+        reason: str,
+        force: bool = False,
+        wait: float = 0.0,
+        seen_version: int | None = None,
+    ) -> RefreshResult:
+        """Refresh one connection if it is due (or ``force``), under its lock.
+
+        ``seen_version``: the version the caller based its decision on; if the row moved past
+        it by the time we hold the lock, someone else refreshed and we return their result.
+        """
+        started = time.monotonic()
+        record, provider = self._load(connection_id)
+        if seen_version is None:
+            seen_version = record.version
+        if record.status != ACTIVE:
+            return self._skip(Outcome.UNAVAILABLE, record, provider, reason, started)
+        if not force and not is_due(
+            self.clock(), self.margin, record.access_issued_at, record.access_expires_at
+        ):
+            return self._skip(Outcome.NOT_DUE, record, provider, reason, started)
+
+        settings = self.rt.settings
+        lock = self.rt.cache.lock(connection_id, settings.lock_ttl_seconds, wait or None)
+        # A dead Redis raises here: no lock, no refresh. The caller retries later.
+        if not lock.acquire(blocking=wait > 0):
+            return self._skip(Outcome.CONTENDED, record, provider, reason, started)
+        lock_waited = time.monotonic() - started
+        try:
+            result = self._refresh_locked(
+                connection_id, provider, reason, force, seen_version, lock
+            )
+        finally:
+            try:
+                lock.release()
+            except LockError:
+                log.warning("refresh.lock_lost", connection_id=connection_id)
+        self._audit(result, provider, reason, started, lock_waited)
+        return result
+
+    def _refresh_locked(
+        self,
+        connection_id: str,
+        provider: ProviderRecord,
+        reason: str,
+        force: bool,
+        seen_version: int,
+        lock: redis.lock.Lock,
+    ) -> RefreshResult:
+        record, provider = self._load(connection_id)
+        if record.version != seen_version and record.status == ACTIVE:
+            return self._result(Outcome.REFRESHED_ELSEWHERE, record)
+        if record.status != ACTIVE:
+            return self._result(Outcome.UNAVAILABLE, record)
+        if not force and not is_due(
+            self.clock(), self.margin, record.access_issued_at, record.access_expires_at
+        ):
+            return self._result(Outcome.REFRESHED_ELSEWHERE, record)
+        try:
+            refresh_token = self._open_refresh_token(record)
+            endpoint = endpoint_for(self.rt, provider)
+        except DecryptionError as exc:
+            self._record_failure(record, exc.error_class, None)
+            return self._result(Outcome.FAILED, record, exc)
+        lock.reacquire()  # the provider call gets the lock's full TTL
+        try:
+            tokens = self.rt.oauth.refresh(endpoint, refresh_token)
+        except ProviderError as exc:
+            return self._provider_failed(record, exc)
+        return self._persist(record, tokens, refresh_token)
+
+    def _open_refresh_token(self, record: ConnectionRecord) -> str:
+        if record.refresh_token_ct is None:
+            raise DecryptionError("connection has no refresh token", reason="missing")
+        return sealing.unseal(
+            self.rt.keyring,
+            sealing.CONNECTIONS,
+            record.id,
+            sealing.REFRESH_TOKEN,
+            record.refresh_token_ct,
+        )
+
+    def _provider_failed(self, record: ConnectionRecord, exc: ProviderError) -> RefreshResult:
+        if exc.permanent:
+            # Before concluding the grant is dead: did someone rotate it under us?
+            current, _ = self._load(record.id)
+            if current.version != record.version:
+                return self._result(Outcome.REFRESHED_ELSEWHERE, current)
+            self._record_failure(record, exc.error_class, REAUTH_REQUIRED)
+            return self._result(Outcome.FAILED_PERMANENT, record, exc)
+        self._record_failure(record, exc.error_class, None)
+        return self._result(Outcome.FAILED_TRANSIENT, record, exc)
+
+    def _record_failure(
+        self, record: ConnectionRecord, error_class: str, new_status: str | None
+    ) -> None:
+        with self.rt.engine.begin() as conn:
+            repository.record_failure(
+                conn,
+                record.id,
+                record.version,
+                error_class=error_class,
+                new_status=new_status,
+                now=self.clock(),
+            )
+        if new_status is not None:
+            self.rt.cache.drop(record.id)
+
+    def _persist(
+        self, record: ConnectionRecord, tokens: TokenSet, old_refresh: str
+    ) -> RefreshResult:
+        keyring = self.rt.keyring
+        now = self.clock()
+        access_ct = sealing.seal(
+            keyring, sealing.CONNECTIONS, record.id, sealing.ACCESS_TOKEN, tokens.access_token
+        )
+        values: dict[str, object] = {
+            "access_token_ct": access_ct,
+            "access_expires_at": tokens.expires_at,
+            "access_issued_at": now,
+            "last_refresh_at": now,
+            "refresh_count": record.refresh_count + 1,
+            "failure_count": 0,
+            "last_error_class": None,
+            "updated_at": now,
+        }
+        rotated = tokens.refresh_token is not None and tokens.refresh_token != old_refresh
+        if rotated:
+            assert tokens.refresh_token is not None  # noqa: S101 - narrowed by `rotated`
+            values["refresh_token_ct"] = sealing.seal(
+                keyring, sealing.CONNECTIONS, record.id, sealing.REFRESH_TOKEN, tokens.refresh_token
+            )
+            values["refresh_issued_at"] = now
+        elif record.refresh_token_ct is not None and keyring.needs_reencryption(
+            record.refresh_token_ct
+        ):
+            values["refresh_token_ct"] = sealing.seal(
+                keyring, sealing.CONNECTIONS, record.id, sealing.REFRESH_TOKEN, old_refresh
+            )
+        with self.rt.engine.begin() as conn:
+            written = repository.fenced_update(conn, record.id, record.version, values)
+        new_version = record.version + 1
+        if not written:
+            return self._result(Outcome.FAILED, record, FencedWrite("row changed under the lock"))
+        ttl = cache_ttl_seconds(
+            now, tokens.expires_at, timedelta(seconds=self.rt.settings.min_token_validity_seconds)
+        )
+        try:
+            self.rt.cache.put(record.id, new_version, tokens.expires_at, access_ct, ttl)
+        except redis.RedisError:
+            log.warning("cache.write_failed", connection_id=record.id)
+        notes = [] if rotated else ["refresh_token_not_rotated"]
+        if tokens.expiry_was_defaulted:
+            notes.append("expires_in_missing_default_used")
+        return RefreshResult(
+            outcome=Outcome.REFRESHED,
+            connection_id=record.id,
+            version=new_version,
+            access_expires_at=tokens.expires_at,
+            access_token_ct=access_ct,
+            notes=tuple(notes),
+        )
+
+    # -- audit -----------------------------------------------------------------------------
+
+    def _skip(
+        self,
+        outcome: Outcome,
+        record: ConnectionRecord,
+        provider: ProviderRecord,
+        reason: str,
+        started: float,
+    ) -> RefreshResult:
+        result = self._result(outcome, record)
+        self._audit(result, provider, reason, started, 0.0)
+        return result
+
+    def _audit(
+        self,
+        result: RefreshResult,
+        provider: ProviderRecord,
+        reason: str,
+        started: float,
+        lock_waited: float,
+    ) -> None:
+        event = {
+            Outcome.REFRESHED: "refresh.succeeded",
+            Outcome.FAILED_PERMANENT: "refresh.failed",
+            Outcome.FAILED_TRANSIENT: "refresh.failed",
+            Outcome.FAILED: "refresh.failed",
+        }.get(result.outcome, "refresh.skipped")
+        details: dict[str, object] = {
+            "reason": reason,
+            "result": result.outcome.value,
+            "duration_ms": round((time.monotonic() - started) * 1000, 1),
+            "lock_wait_ms": round(lock_waited * 1000, 1),
+        }
+        if result.notes:
+            details["notes"] = list(result.notes)
+        if result.error is not None:
+            details["error_class"] = result.error.error_class
+            details["error"] = str(result.error)
+            if isinstance(result.error, ProviderError):
+                details["http_status"] = result.error.http_status
+                details["oauth_error"] = result.error.oauth_error
+        key_id = None
+        if result.access_token_ct is not None:
+            key_id = result.access_token_ct.split(".", 2)[1]
+        if result.outcome is Outcome.REFRESHED and result.access_expires_at is not None:
+            details["access_expires_at"] = result.access_expires_at.isoformat()
+        outcome = "ok" if result.ok else ("skipped" if event == "refresh.skipped" else "failed")
+        self.rt.auditor.emit(
+            event,
+            outcome,
+            connection_id=result.connection_id,
+            provider=provider.name,
+            key_id=key_id,
+            version=result.version,
+            **details,
+        )

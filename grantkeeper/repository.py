@@ -1,0 +1,234 @@
+"""Every SQL statement grantkeeper runs. Functions take an open SQLAlchemy connection; the
+caller owns the transaction (services never commit, the unit-of-work scope does).
+
+All token writes are fenced: ``UPDATE ... WHERE id = :id AND version = :expected``. A stale
+lock holder's write matches no row and is refused instead of overwriting a newer token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Row, func, insert, select, update
+
+from grantkeeper.models import ACTIVE, audit_events, connections, providers
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything grantkeeper stores is UTC.
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class ProviderRecord:
+    id: str
+    name: str
+    token_url: str
+    revocation_url: str | None
+    authorization_url: str | None
+    scopes: str | None
+    auth_method: str
+    client_id: str
+    client_secret_ct: str
+    default_access_ttl: int | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> ProviderRecord:
+        m = row._mapping
+        return cls(**{f: m[f] for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class ConnectionRecord:
+    id: str
+    provider_id: str
+    account: str
+    status: str
+    version: int
+    access_token_ct: str | None
+    refresh_token_ct: str | None
+    access_expires_at: datetime | None
+    access_issued_at: datetime | None
+    refresh_issued_at: datetime | None
+    last_refresh_at: datetime | None
+    refresh_count: int
+    failure_count: int
+    last_error_class: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> ConnectionRecord:
+        m = row._mapping
+        values = {f: m[f] for f in cls.__dataclass_fields__}
+        for f in (
+            "access_expires_at",
+            "access_issued_at",
+            "refresh_issued_at",
+            "last_refresh_at",
+        ):
+            values[f] = _utc(values[f])
+        values["created_at"] = _utc(values["created_at"])
+        values["updated_at"] = _utc(values["updated_at"])
+        return cls(**values)
+
+
+# -- providers ---------------------------------------------------------------------------------
+
+
+def insert_provider(conn: Connection, values: Mapping[str, Any]) -> None:
+    conn.execute(insert(providers).values(**values))
+
+
+def get_provider(conn: Connection, provider_id: str) -> ProviderRecord | None:
+    row = conn.execute(select(providers).where(providers.c.id == provider_id)).first()
+    return ProviderRecord.from_row(row) if row else None
+
+
+def get_provider_by_name(conn: Connection, name: str) -> ProviderRecord | None:
+    row = conn.execute(select(providers).where(providers.c.name == name)).first()
+    return ProviderRecord.from_row(row) if row else None
+
+
+def list_providers(conn: Connection) -> list[ProviderRecord]:
+    rows = conn.execute(select(providers).order_by(providers.c.name))
+    return [ProviderRecord.from_row(r) for r in rows]
+
+
+def delete_provider(conn: Connection, provider_id: str) -> None:
+    conn.execute(providers.delete().where(providers.c.id == provider_id))
+
+
+# -- connections -------------------------------------------------------------------------------
+
+
+def insert_connection(conn: Connection, values: Mapping[str, Any]) -> None:
+    conn.execute(insert(connections).values(**values))
+
+
+def get_connection(conn: Connection, connection_id: str) -> ConnectionRecord | None:
+    row = conn.execute(select(connections).where(connections.c.id == connection_id)).first()
+    return ConnectionRecord.from_row(row) if row else None
+
+
+def find_connection(conn: Connection, provider_id: str, account: str) -> ConnectionRecord | None:
+    row = conn.execute(
+        select(connections).where(
+            connections.c.provider_id == provider_id, connections.c.account == account
+        )
+    ).first()
+    return ConnectionRecord.from_row(row) if row else None
+
+
+def list_connections(
+    conn: Connection, *, provider_id: str | None = None, limit: int | None = None
+) -> list[ConnectionRecord]:
+    query = select(connections).order_by(connections.c.created_at, connections.c.id)
+    if provider_id is not None:
+        query = query.where(connections.c.provider_id == provider_id)
+    if limit is not None:
+        query = query.limit(limit)
+    return [ConnectionRecord.from_row(r) for r in conn.execute(query)]
+
+
+def delete_connections_of_provider(conn: Connection, provider_id: str) -> int:
+    result = conn.execute(connections.delete().where(connections.c.provider_id == provider_id))
+    return result.rowcount
+
+
+def due_connection_ids(conn: Connection, due_before: datetime, limit: int) -> list[str]:
+    """Active connections whose access token expires before ``due_before``, soonest first.
+
+    Served by the partial index ``ix_connections_due``: cost grows with the rows due.
+    """
+    rows = conn.execute(
+        select(connections.c.id)
+        .where(connections.c.status == ACTIVE, connections.c.access_expires_at <= due_before)
+        .order_by(connections.c.access_expires_at)
+        .limit(limit)
+    )
+    return [r.id for r in rows]
+
+
+def fenced_update(
+    conn: Connection, connection_id: str, expected_version: int, values: Mapping[str, Any]
+) -> bool:
+    """Apply ``values`` and bump the version, only if nobody wrote since ``expected_version``."""
+    result = conn.execute(
+        update(connections)
+        .where(connections.c.id == connection_id, connections.c.version == expected_version)
+        .values(version=connections.c.version + 1, **values)
+    )
+    return result.rowcount == 1
+
+
+def record_failure(
+    conn: Connection,
+    connection_id: str,
+    expected_version: int,
+    *,
+    error_class: str,
+    new_status: str | None,
+    now: datetime,
+) -> bool:
+    """Count a failed refresh. Tokens are never touched: a failure loses nothing."""
+    values: dict[str, Any] = {
+        "failure_count": connections.c.failure_count + 1,
+        "last_error_class": error_class,
+        "updated_at": now,
+    }
+    if new_status is not None:
+        values["status"] = new_status
+        values["version"] = connections.c.version + 1
+    result = conn.execute(
+        update(connections)
+        .where(connections.c.id == connection_id, connections.c.version == expected_version)
+        .values(**values)
+    )
+    return result.rowcount == 1
+
+
+def count_by_status(conn: Connection) -> dict[str, int]:
+    rows = conn.execute(
+        select(connections.c.status, func.count()).group_by(connections.c.status)
+    ).all()
+    return {status: count for status, count in rows}
+
+
+# -- audit -------------------------------------------------------------------------------------
+
+
+def insert_audit_events(conn: Connection, events: Sequence[Mapping[str, Any]]) -> None:
+    if events:
+        conn.execute(insert(audit_events), list(events))
+
+
+def list_audit_events(
+    conn: Connection,
+    *,
+    connection_id: str | None = None,
+    event: str | None = None,
+    since: datetime | None = None,
+    after_id: int | None = None,
+    limit: int = 1000,
+) -> list[dict[str, Any]]:
+    query = select(audit_events).order_by(audit_events.c.id).limit(limit)
+    if connection_id is not None:
+        query = query.where(audit_events.c.connection_id == connection_id)
+    if event is not None:
+        query = query.where(audit_events.c.event.like(event.replace("*", "%")))
+    if since is not None:
+        query = query.where(audit_events.c.at >= since)
+    if after_id is not None:
+        query = query.where(audit_events.c.id > after_id)
+    out = []
+    for row in conn.execute(query):
+        item = dict(row._mapping)
+        item["at"] = _utc(item["at"])
+        out.append(item)
+    return out

@@ -1,0 +1,110 @@
+"""Per-process resources: settings, keyring, database engine, Redis, HTTP client, auditor.
+
+Built once per process by :func:`get_runtime` and rebuilt after a fork (a forked child must
+not share its parent's sockets). Tests build a :class:`Runtime` from explicit settings.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import cached_property
+
+import httpx
+import redis
+from sqlalchemy import Engine
+
+from config.logging import configure_logging
+from config.settings import Settings, get_settings
+from grantkeeper.audit import Auditor, worker_actor
+from grantkeeper.cache import TokenCache
+from grantkeeper.crypto import Keyring
+from grantkeeper.db import create_db_engine
+from grantkeeper.oauth import OAuthClient, build_http_client
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    actor: str = field(default_factory=worker_actor)
+
+    @cached_property
+    def keyring(self) -> Keyring:
+        keys = self.settings.encryption_keys
+        return Keyring.parse(
+            keys.get_secret_value() if keys else None, self.settings.primary_key_id
+        )
+
+    @cached_property
+    def engine(self) -> Engine:
+        return create_db_engine(self.settings)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(
+            self.settings.redis_url.get_secret_value(),
+            socket_timeout=5,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+            max_connections=self.settings.worker_concurrency * 2 + 10,
+        )
+
+    @cached_property
+    def cache(self) -> TokenCache:
+        return TokenCache(self.redis, self.settings.redis_key_prefix)
+
+    @cached_property
+    def http(self) -> httpx.Client:
+        s = self.settings
+        return build_http_client(
+            s.http_connect_timeout_seconds, s.http_read_timeout_seconds, s.http_max_connections
+        )
+
+    @cached_property
+    def oauth(self) -> OAuthClient:
+        return OAuthClient(
+            self.http,
+            max_response_bytes=self.settings.http_max_response_bytes,
+            skew=timedelta(seconds=self.settings.clock_skew_seconds),
+        )
+
+    @cached_property
+    def auditor(self) -> Auditor:
+        return Auditor(self.engine, self.actor)
+
+    def close(self) -> None:
+        """Release sockets; only what was actually built."""
+        if "http" in self.__dict__:
+            self.http.close()
+        if "redis" in self.__dict__:
+            self.redis.close()
+        if "engine" in self.__dict__:
+            self.engine.dispose()
+
+
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+_runtime_pid: int | None = None
+
+
+def get_runtime() -> Runtime:
+    """This process's runtime, built on first use (and again in a forked child)."""
+    global _runtime, _runtime_pid  # noqa: PLW0603 - one runtime per process, by design
+    with _lock:
+        if _runtime is None or _runtime_pid != os.getpid():
+            settings = get_settings()
+            configure_logging(settings.log_level)
+            _runtime = Runtime(settings)
+            _runtime.keyring  # noqa: B018 - fail at start-up, not at the first refresh
+            _runtime_pid = os.getpid()
+        return _runtime
+
+
+def set_runtime(runtime: Runtime | None) -> None:
+    """Install a runtime built elsewhere (tests, the CLI with its own actor)."""
+    global _runtime, _runtime_pid  # noqa: PLW0603
+    with _lock:
+        _runtime = runtime
+        _runtime_pid = os.getpid() if runtime else None

@@ -1,0 +1,24 @@
+"""Row-bound encryption of the secret columns, and registration of every plaintext with the
+log redactor the moment it exists in this process."""
+
+from __future__ import annotations
+
+from config.logging import secrets_held
+from grantkeeper.crypto import Keyring, associated_data
+
+CONNECTIONS = "connections"
+PROVIDERS = "providers"
+ACCESS_TOKEN = "access_token_ct"
+REFRESH_TOKEN = "refresh_token_ct"
+CLIENT_SECRET = "client_secret_ct"
+
+
+def seal(keyring: Keyring, table: str, row_id: str, column: str, plaintext: str) -> str:
+    secrets_held.add(plaintext)
+    return keyring.encrypt(plaintext, associated_data(table, row_id, column))
+
+
+def unseal(keyring: Keyring, table: str, row_id: str, column: str, ciphertext: str) -> str:
+    plaintext = keyring.decrypt(ciphertext, associated_data(table, row_id, column))
+    secrets_held.add(plaintext)
+    return plaintext

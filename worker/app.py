@@ -1,0 +1,69 @@
+"""Building the Celery app from settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import setup_logging, worker_process_init
+
+from config.logging import configure_logging
+from config.settings import Settings, get_settings
+from grantkeeper.runtime import set_runtime
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    broker = settings.effective_broker_url
+    prefix = settings.redis_key_prefix
+    return {
+        "broker_url": broker,
+        "broker_connection_retry_on_startup": True,
+        # Pickle from a broker is code execution: JSON only, in and out.
+        "accept_content": ["json"],
+        "task_serializer": "json",
+        "result_serializer": "json",
+        # No result backend: nothing a task returns is stored anywhere.
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # Refreshes wait on the network, not the CPU: a thread pool keeps many in flight.
+        "worker_pool": "threads",
+        "worker_concurrency": settings.worker_concurrency,
+        "worker_prefetch_multiplier": 4,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "broker_transport_options": {"visibility_timeout": 3600},
+        "beat_scheduler": "redbeat.RedBeatScheduler",
+        "redbeat_redis_url": settings.redis_url.get_secret_value(),
+        "redbeat_key_prefix": f"{prefix}redbeat:",
+        "redbeat_lock_key": f"{prefix}redbeat::lock",
+        "beat_max_loop_interval": min(5.0, settings.scan_interval_seconds),
+        "redbeat_lock_timeout": max(30, int(settings.scan_interval_seconds * 5)),
+        "beat_schedule": {
+            "grantkeeper-scan": {
+                "task": "grantkeeper.scan_due",
+                "schedule": settings.scan_interval_seconds,
+                "options": {"expires": settings.scan_interval_seconds * 2},
+            },
+        },
+        "imports": ["tasks.refresh"],
+        "worker_hijack_root_logger": False,
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("grantkeeper")
+    app.conf.update(celery_config(settings))
+    return app
+
+
+@setup_logging.connect
+def _configure_logging(**_: Any) -> None:
+    configure_logging(get_settings().log_level)
+
+
+@worker_process_init.connect
+def _fresh_runtime_after_fork(**_: Any) -> None:
+    set_runtime(None)
