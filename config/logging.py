@@ -13,7 +13,7 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -95,8 +95,9 @@ def scrub_rendered(_logger: Any, _method: str, rendered: str) -> str:
 _configured = False
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Idempotent; JSON lines on stdout for our events, stdlib logging routed the same way."""
+def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Idempotent; JSON lines on stdout (or ``stream``) for our events, stdlib logging routed
+    the same way on stderr."""
     global _configured  # noqa: PLW0603 - logging is process-global by nature
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
@@ -111,7 +112,7 @@ def configure_logging(level: str = "INFO") -> None:
     structlog.configure(
         processors=[*shared, structlog.processors.JSONRenderer(), scrub_rendered],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
         cache_logger_on_first_use=False,
     )
     if not _configured:

@@ -72,7 +72,8 @@ class Settings(BaseSettings):
     lock_ttl_seconds: float = Field(default=60.0, gt=0)
     lock_wait_seconds: float = Field(default=30.0, ge=0)
 
-    # Worker.
+    # Worker. The queue name keeps several deployments (or the demo) apart on one Redis.
+    celery_queue: str = "grantkeeper"
     worker_concurrency: int = Field(default=32, ge=1)
     max_transient_retries: int = Field(default=8, ge=0)
 

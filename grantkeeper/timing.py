@@ -62,7 +62,9 @@ def backoff_seconds(
     rng: random.Random | None = None,
 ) -> float:
     """Exponential backoff with full jitter, honouring a provider's Retry-After, capped."""
-    ceiling = min(cap, base * (2 ** max(attempt, 0)))
+    # The exponent is bounded so a huge attempt count saturates at the cap instead of
+    # overflowing float conversion (2 ** 1024 does not fit a float).
+    ceiling = min(cap, base * 2.0 ** min(max(attempt, 0), 1000))
     jittered = (rng or random).uniform(ceiling / 2, ceiling)
     if retry_after is not None:
         return min(cap, max(jittered, retry_after))

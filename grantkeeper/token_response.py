@@ -9,6 +9,7 @@ code, never the body, which may hold a token.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -53,7 +54,7 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit() also accepts '²', '٣'...
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -91,21 +92,25 @@ def _decode_json(raw: bytes) -> Any:
         return None
 
 
-def classify_error_response(status: int, raw: bytes, retry_after: float | None) -> ProviderError:
-    """The classified error for a non-success answer."""
+def classify_error_response(
+    status: int, raw: bytes, retry_after: float | None, *, classify_as: int | None = None
+) -> ProviderError:
+    """The classified error for a non-success answer. ``classify_as`` decides the class as if
+    the answer had that status, while ``status`` is still the one reported."""
     body = _decode_json(raw)
     code, description = _oauth_error(body)
     detail = f"HTTP {status}" + (f", error={code}" if code else "")
     if description:
         detail += f" ({description[:200]})"
-    if status == 429 or status >= 500 or code in TRANSIENT_OAUTH_ERRORS:
+    status_for_class = status if classify_as is None else classify_as
+    if status_for_class == 429 or status_for_class >= 500 or code in TRANSIENT_OAUTH_ERRORS:
         return TransientProviderError(
             f"token endpoint unavailable: {detail}",
             http_status=status,
             oauth_error=code,
             retry_after=retry_after,
         )
-    if code in PERMANENT_OAUTH_ERRORS or status == 401:
+    if code in PERMANENT_OAUTH_ERRORS or status_for_class == 401:
         return PermanentProviderError(
             f"grant refused: {detail}", http_status=status, oauth_error=code or "invalid_client"
         )
@@ -139,7 +144,9 @@ def parse_token_response(
         )
     code, _ = _oauth_error(body)
     if code is not None:
-        raise classify_error_response(400 if code in PERMANENT_OAUTH_ERRORS else 503, raw, None)
+        raise classify_error_response(
+            status, raw, None, classify_as=400 if code in PERMANENT_OAUTH_ERRORS else 503
+        )
     access = body.get("access_token")
     if not isinstance(access, str) or not access:
         raise MalformedResponse("HTTP 200 without an access_token", http_status=status)
@@ -166,11 +173,15 @@ def _expiry(
     body: dict[str, Any], sent_at: datetime, default_ttl: timedelta, skew: timedelta
 ) -> tuple[datetime, bool]:
     expires_in = _number(body.get("expires_in"))
+    # A value no datetime can hold (infinity, 1e12 s, an epoch in milliseconds) counts as
+    # absent: raising here would lose a token set the provider has already issued.
     if expires_in is not None and expires_in > 0:
-        return compute_expiry(sent_at, timedelta(seconds=expires_in), skew), False
+        with contextlib.suppress(OverflowError, ValueError):
+            return compute_expiry(sent_at, timedelta(seconds=expires_in), skew), False
     expires_at = _number(body.get("expires_at"))
     if expires_at is not None and expires_at > 0:
-        absolute = datetime.fromtimestamp(expires_at, UTC)
-        if absolute > sent_at:
-            return compute_expiry(sent_at, absolute - sent_at, skew), False
+        with contextlib.suppress(OverflowError, ValueError, OSError):
+            absolute = datetime.fromtimestamp(expires_at, UTC)
+            if absolute > sent_at:
+                return compute_expiry(sent_at, absolute - sent_at, skew), False
     return compute_expiry(sent_at, default_ttl, skew), True

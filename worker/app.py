@@ -25,6 +25,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # No result backend: nothing a task returns is stored anywhere.
         "result_backend": None,
         "task_ignore_result": True,
+        "task_default_queue": settings.celery_queue,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         # Refreshes wait on the network, not the CPU: a thread pool keeps many in flight.

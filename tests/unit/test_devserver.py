@@ -556,7 +556,7 @@ def test_latency_applies_and_concurrent_requests_overlap(server: DevOAuthServer)
     responses, elapsed = asyncio.run(refresh_all())
 
     assert all(r.status_code == 200 for r in responses)
-    assert 0.2 <= elapsed < 2.0
+    assert 0.2 <= elapsed < 4.0, f"{elapsed:.2f} s: requests were serialised"
     assert server.stats()["refresh_ok"] == 50
 
 
