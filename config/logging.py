@@ -7,6 +7,7 @@ that decrypts or receives it) is replaced wherever it appears.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -52,15 +53,17 @@ class SecretRegistry:
         with self._lock:
             candidates = list(self._values)
         for secret in candidates:
-            if secret in text:
-                text = text.replace(secret, REDACTED)
+            # Rendered JSON escapes quotes, backslashes and non-ASCII: match that form too.
+            for form in {secret, json.dumps(secret)[1:-1]}:
+                if form in text:
+                    text = text.replace(form, REDACTED)
         return text
 
 
 secrets_held = SecretRegistry()
 
 
-def _redact_value(key: str, value: Any) -> Any:
+def _redact_value(key: str, value: Any) -> Any:  # noqa: PLR0911 - one return per case
     if isinstance(value, str):
         if SECRET_KEY_PATTERN.search(key) and not SAFE_KEY_PATTERN.search(key):
             return REDACTED
@@ -68,6 +71,10 @@ def _redact_value(key: str, value: Any) -> Any:
             return REDACTED
         return value
     if isinstance(value, dict):
+        # A mapping under a secret key is secret as a whole: its inner keys ("pass", "value")
+        # need not name a secret themselves.
+        if SECRET_KEY_PATTERN.search(key) and not SAFE_KEY_PATTERN.search(key):
+            return REDACTED
         return {k: _redact_value(str(k), v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_redact_value(key, v) for v in value]
@@ -87,9 +94,9 @@ def redact(
     return event_dict
 
 
-def scrub_rendered(_logger: Any, _method: str, rendered: str) -> str:
+def scrub_rendered(_logger: Any, _method: str, rendered: Any) -> Any:
     """After rendering: exception texts and anything else that slipped into the line."""
-    return secrets_held.scrub(rendered)
+    return secrets_held.scrub(rendered) if isinstance(rendered, str) else rendered
 
 
 _configured = False

@@ -23,7 +23,7 @@ class ProviderPreset:
 
 PRESETS: dict[str, ProviderPreset] = {
     "teamleader": ProviderPreset(
-        token_url="https://focus.teamleader.eu/oauth2/access_token",
+        token_url="https://focus.teamleader.eu/oauth2/access_token",  # noqa: S106 - a URL
         authorization_url="https://focus.teamleader.eu/oauth2/authorize",
         revocation_url=None,
         auth_method="client_secret_post",

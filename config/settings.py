@@ -31,6 +31,8 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="forbid",
         frozen=True,
+        # Validation errors must not echo the input: it holds database/redis URLs and keys.
+        hide_input_in_errors=True,
     )
 
     env: Literal["development", "production"] = "development"
@@ -95,7 +97,11 @@ class Settings(BaseSettings):
     @classmethod
     def _reject_unknown_environment(cls, data: Any) -> Any:
         known = {ENV_PREFIX + name.upper() for name in cls.model_fields}
-        unknown = sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in known)
+        # Case-insensitive, as pydantic-settings reads the environment: a lower-case
+        # "grantkeeper_..." is read when known, so a lower-case typo must be refused too.
+        unknown = sorted(
+            k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known
+        )
         if unknown:
             raise ValueError(
                 f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"

@@ -85,7 +85,11 @@ class TokenReader:
             ttl = cache_ttl_seconds(now, record.access_expires_at, self.min_validity)
             try:
                 self.rt.cache.put(
-                    connection_id, record.version, record.access_expires_at, record.access_token_ct, ttl
+                    connection_id,
+                    record.version,
+                    record.access_expires_at,
+                    record.access_token_ct,
+                    ttl,
                 )
             except redis.RedisError:
                 log.warning("cache.write_failed", connection_id=connection_id)

@@ -91,4 +91,6 @@ class Auditor:
             with self.engine.begin() as conn:
                 repository.insert_audit_events(conn, [row])
         except SQLAlchemyError as exc:
-            log.error("audit.persist_failed", event_name=event, error_class=type(exc).__name__)
+            log.error(  # noqa: TRY400 - the traceback may quote SQL parameters
+                "audit.persist_failed", event_name=event, error_class=type(exc).__name__
+            )

@@ -73,8 +73,12 @@ class TokenCache:
 
     def lock(self, connection_id: str, ttl: float, wait: float | None) -> Lock:
         """A redis-py lock (SET NX PX with an owner token; Lua release and extend)."""
-        return self.client.lock(
-            self.lock_key(connection_id), timeout=ttl, blocking_timeout=wait, thread_local=False
+        return Lock(
+            self.client,
+            self.lock_key(connection_id),
+            timeout=ttl,
+            blocking_timeout=wait,
+            thread_local=False,
         )
 
     def mark_queued(self, connection_id: str, ttl: int) -> bool:

@@ -27,7 +27,9 @@ from grantkeeper.runtime import Runtime, set_runtime
 app = typer.Typer(help="grantkeeper: keeps OAuth 2.0 grants alive, safely.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 keys_app = typer.Typer(help="Encryption keys.", no_args_is_help=True)
-providers_app = typer.Typer(help="OAuth providers (token endpoints and client credentials).", no_args_is_help=True)
+providers_app = typer.Typer(
+    help="OAuth providers (token endpoints and client credentials).", no_args_is_help=True
+)
 connections_app = typer.Typer(help="Connected accounts and their grants.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
@@ -54,7 +56,9 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def _connection_view(record: repository.ConnectionRecord, provider_name: str | None) -> dict[str, Any]:
+def _connection_view(
+    record: repository.ConnectionRecord, provider_name: str | None
+) -> dict[str, Any]:
     return {
         "id": record.id,
         "provider": provider_name,
@@ -90,7 +94,7 @@ def db_upgrade() -> None:
 @keys_app.command("generate")
 def keys_generate() -> None:
     """Print a new keyring entry (KEY_ID:KEY, 256 random bits) for GRANTKEEPER_ENCRYPTION_KEYS."""
-    print(generate_key_entry())  # noqa: T201 - the output is the point
+    print(generate_key_entry())
     err.print(
         "Put it first in GRANTKEEPER_ENCRYPTION_KEYS (comma-separated; the first entry, or"
         " GRANTKEEPER_PRIMARY_KEY_ID, is the primary). Store it like a password."
@@ -104,19 +108,36 @@ def keys_generate() -> None:
 def providers_add(
     name: str,
     client_id: Annotated[str, typer.Option("--client-id")],
-    client_secret_stdin: Annotated[bool, typer.Option("--client-secret-stdin", help="Read the client secret from stdin (never from an argument).")] = False,
-    preset: Annotated[str | None, typer.Option("--preset", help=f"One of: {', '.join(PRESETS)}")] = None,
+    client_secret_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--client-secret-stdin",
+            help="Read the client secret from stdin (never from an argument).",
+        ),
+    ] = False,
+    preset: Annotated[
+        str | None, typer.Option("--preset", help=f"One of: {', '.join(PRESETS)}")
+    ] = None,
     token_url: Annotated[str | None, typer.Option("--token-url")] = None,
     revocation_url: Annotated[str | None, typer.Option("--revocation-url")] = None,
     authorization_url: Annotated[str | None, typer.Option("--authorization-url")] = None,
-    auth_method: Annotated[str | None, typer.Option("--auth-method", help="client_secret_basic or client_secret_post")] = None,
-    default_access_ttl: Annotated[int | None, typer.Option("--default-access-ttl", help="Seconds, used when a response omits expires_in.")] = None,
+    auth_method: Annotated[
+        str | None, typer.Option("--auth-method", help="client_secret_basic or client_secret_post")
+    ] = None,
+    default_access_ttl: Annotated[
+        int | None,
+        typer.Option(
+            "--default-access-ttl", help="Seconds, used when a response omits expires_in."
+        ),
+    ] = None,
 ) -> None:
     """Register a provider. The client secret is read from stdin and stored encrypted."""
     from grantkeeper.connections import ProviderSpec, add_provider  # noqa: PLC0415
 
     if not client_secret_stdin:
-        raise typer.BadParameter("pass --client-secret-stdin and pipe the secret in", param_hint="--client-secret-stdin")
+        raise typer.BadParameter(
+            "pass --client-secret-stdin and pipe the secret in", param_hint="--client-secret-stdin"
+        )
     if (preset is None) == (token_url is None):
         raise typer.BadParameter("give exactly one of --preset or --token-url")
     secret = sys.stdin.readline().strip()
@@ -135,7 +156,7 @@ def providers_add(
         default_access_ttl=default_access_ttl or (base.default_access_ttl if base else None),
     )
     provider_id = add_provider(_runtime(), spec)
-    print(provider_id)  # noqa: T201
+    print(provider_id)
 
 
 @providers_app.command("list")
@@ -156,11 +177,13 @@ def providers_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> 
         for p in rows
     ]
     if as_json:
-        print(json.dumps(items, indent=2))  # noqa: T201
+        print(json.dumps(items, indent=2))
         return
     table = Table("name", "token url", "revocation", "auth method", "client id")
     for p in items:
-        table.add_row(p["name"], p["token_url"], p["revocation_url"] or "-", p["auth_method"], p["client_id"])
+        table.add_row(
+            p["name"], p["token_url"], p["revocation_url"] or "-", p["auth_method"], p["client_id"]
+        )
     out.print(table)
 
 
@@ -176,7 +199,7 @@ def connections_import(
     from grantkeeper.connections import import_connection  # noqa: PLC0415
 
     raw = sys.stdin.buffer.read()
-    print(import_connection(_runtime(), provider, account, raw))  # noqa: T201
+    print(import_connection(_runtime(), provider, account, raw))
 
 
 @connections_app.command("list")
@@ -185,21 +208,33 @@ def connections_list(as_json: Annotated[bool, typer.Option("--json")] = False) -
     rt = _runtime()
     with rt.engine.connect() as conn:
         names = {p.id: p.name for p in repository.list_providers(conn)}
-        views = [_connection_view(r, names.get(r.provider_id)) for r in repository.list_connections(conn)]
+        views = [
+            _connection_view(r, names.get(r.provider_id)) for r in repository.list_connections(conn)
+        ]
     if as_json:
-        print(json.dumps(views, indent=2))  # noqa: T201
+        print(json.dumps(views, indent=2))
         return
-    table = Table("id", "provider", "account", "status", "expires", "refreshes", "version", "last error")
+    table = Table(
+        "id", "provider", "account", "status", "expires", "refreshes", "version", "last error"
+    )
     for v in views:
         table.add_row(
-            v["id"], v["provider"] or "?", v["account"], v["status"], v["access_expires_at"] or "-",
-            str(v["refresh_count"]), str(v["version"]), v["last_error_class"] or "",
+            v["id"],
+            v["provider"] or "?",
+            v["account"],
+            v["status"],
+            v["access_expires_at"] or "-",
+            str(v["refresh_count"]),
+            str(v["version"]),
+            v["last_error_class"] or "",
         )
     out.print(table)
 
 
 @connections_app.command("show")
-def connections_show(connection_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def connections_show(
+    connection_id: str, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
     """One connection's state. Never a token."""
     rt = _runtime()
     with rt.engine.connect() as conn:
@@ -209,7 +244,7 @@ def connections_show(connection_id: str, as_json: Annotated[bool, typer.Option("
         raise GrantkeeperError(f"no connection {connection_id}")
     view = _connection_view(record, provider.name if provider else None)
     if as_json:
-        print(json.dumps(view, indent=2))  # noqa: T201
+        print(json.dumps(view, indent=2))
         return
     for key, value in view.items():
         out.print(f"{key:18} {value if value is not None else '-'}")
@@ -223,7 +258,7 @@ def token(connection_id: str) -> None:
     """Print a currently valid access token (from the cache, or refreshed under the lock)."""
     from grantkeeper.api import TokenReader  # noqa: PLC0415
 
-    print(TokenReader(_runtime()).get(connection_id))  # noqa: T201
+    print(TokenReader(_runtime()).get(connection_id))
 
 
 @app.command("refresh")
@@ -235,7 +270,10 @@ def refresh(connection_id: str) -> None:
     result = RefreshService(rt).refresh(
         connection_id, reason="manual", force=True, wait=rt.settings.lock_wait_seconds
     )
-    err.print(f"{connection_id}: {result.outcome.value} (version {result.version}, expires {_iso(result.access_expires_at)})")
+    err.print(
+        f"{connection_id}: {result.outcome.value} (version {result.version},"
+        f" expires {_iso(result.access_expires_at)})"
+    )
     if result.error is not None:
         raise result.error
     if not result.ok:
@@ -264,7 +302,7 @@ def main() -> None:
     except (typer.Exit, SystemExit) as exc:
         code = exc.exit_code if isinstance(exc, typer.Exit) else exc.code
         sys.exit(code if isinstance(code, int) else 0)
-    except Exception as exc:  # noqa: BLE001 - click's usage errors and anything unforeseen
+    except Exception as exc:
         import click  # noqa: PLC0415
 
         if isinstance(exc, click.ClickException):
@@ -275,4 +313,4 @@ def main() -> None:
         raise
 
 
-__all__ = ["Settings", "UTC", "app", "main"]
+__all__ = ["UTC", "Settings", "app", "main"]

@@ -52,7 +52,7 @@ def associated_data(table: str, row_id: str, column: str) -> bytes:
 def key_id_of(ciphertext: str) -> str:
     """The key id named by a ciphertext, without decrypting it."""
     parts = ciphertext.split(".", 2)
-    if len(parts) != 3 or parts[0] != FORMAT_VERSION:
+    if len(parts) != 3 or parts[0] != FORMAT_VERSION or not KEY_ID_PATTERN.fullmatch(parts[1]):
         raise DecryptionError("malformed ciphertext", reason="malformed")
     return parts[1]
 
@@ -76,7 +76,7 @@ class Keyring:
             if not entry:
                 continue
             kid, sep, encoded = entry.partition(":")
-            if not sep or not KEY_ID_PATTERN.match(kid):
+            if not sep or not KEY_ID_PATTERN.fullmatch(kid):
                 raise KeyringError(
                     f"keyring entry {kid[:32]!r} is not 'KEY_ID:BASE64KEY' with a key id of"
                     f" letters, digits, '_' or '-': {GENERATE_HINT}"

@@ -112,12 +112,16 @@ def run_demo(*, connections: int, seconds: int, access_ttl: int) -> int:
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     audit_log = (settings.data_dir / "demo-audit.log").open("a", encoding="utf-8")
     try:
-        return _run(settings, audit_log, connections=connections, seconds=seconds, access_ttl=access_ttl)
+        return _run(
+            settings, audit_log, connections=connections, seconds=seconds, access_ttl=access_ttl
+        )
     finally:
         audit_log.close()
 
 
-def _run(settings: Settings, audit_log: TextIO, *, connections: int, seconds: int, access_ttl: int) -> int:
+def _run(
+    settings: Settings, audit_log: TextIO, *, connections: int, seconds: int, access_ttl: int
+) -> int:
     # The demo's own audit lines go to a file so they do not scroll through the live table.
     configure_logging(settings.log_level, stream=audit_log)
     rt = Runtime(settings, actor=cli_actor())
@@ -163,8 +167,16 @@ def _run(settings: Settings, audit_log: TextIO, *, connections: int, seconds: in
         }
         worker_log = log_dir / "demo-worker.log"
         beat_log = log_dir / "demo-beat.log"
-        worker = _spawn(["worker", "--loglevel", "INFO", "--without-mingle", "--without-gossip"], env, worker_log)
-        beat = _spawn(["beat", "--loglevel", "INFO", "--schedule", str(log_dir / "celerybeat-schedule")], env, beat_log)
+        worker = _spawn(
+            ["worker", "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
+            env,
+            worker_log,
+        )
+        beat = _spawn(
+            ["beat", "--loglevel", "INFO", "--schedule", str(log_dir / "celerybeat-schedule")],
+            env,
+            beat_log,
+        )
         console.print(
             f"celery worker and beat running (logs: {worker_log}, {beat_log};"
             f" the demo's own audit lines: {log_dir / 'demo-audit.log'})"
@@ -192,7 +204,11 @@ def _run(settings: Settings, audit_log: TextIO, *, connections: int, seconds: in
         f" {valid}/{len(rows)} still valid at the provider,"
         f" {stats.get('reuse_detections', 0)} reuse detections"
     )
-    ok = valid == len(rows) and stats.get("reuse_detections", 0) == 0 and state.refreshed >= len(rows)
+    ok = (
+        valid == len(rows)
+        and stats.get("reuse_detections", 0) == 0
+        and state.refreshed >= len(rows)
+    )
     return 0 if ok else 1
 
 
@@ -202,7 +218,9 @@ def random_client_secret() -> str:
 
 def _open_access(rt: Runtime, record: repository.ConnectionRecord) -> str:
     assert record.access_token_ct is not None  # noqa: S101 - filtered by the caller
-    return sealing.unseal(rt.keyring, sealing.CONNECTIONS, record.id, sealing.ACCESS_TOKEN, record.access_token_ct)
+    return sealing.unseal(
+        rt.keyring, sealing.CONNECTIONS, record.id, sealing.ACCESS_TOKEN, record.access_token_ct
+    )
 
 
 def _cleanup(rt: Runtime, provider_id: str, prefix: str) -> None:

@@ -197,7 +197,7 @@ def count_by_status(conn: Connection) -> dict[str, int]:
     rows = conn.execute(
         select(connections.c.status, func.count()).group_by(connections.c.status)
     ).all()
-    return {status: count for status, count in rows}
+    return {str(status): int(count) for status, count in rows}
 
 
 # -- audit -------------------------------------------------------------------------------------

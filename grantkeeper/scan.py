@@ -41,7 +41,9 @@ def scan_due(
     rng = rng or random.Random()
     with rt.engine.connect() as conn:
         due_ids = repository.due_connection_ids(
-            conn, now + timedelta(seconds=settings.refresh_margin_seconds), settings.scan_batch_limit
+            conn,
+            now + timedelta(seconds=settings.refresh_margin_seconds),
+            settings.scan_batch_limit,
         )
     ttl = queued_marker_ttl(rt)
     # Spread the burst over part of one scan interval so a provider sees no spike.

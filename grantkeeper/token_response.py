@@ -163,7 +163,7 @@ def parse_token_response(
         access_token=access,
         refresh_token=refresh,
         expires_at=expires_at,
-        token_type="Bearer",
+        token_type="Bearer",  # noqa: S106 - the scheme name
         scope=scope,
         expiry_was_defaulted=defaulted,
     )

@@ -45,7 +45,9 @@ def refresh_connection(self: Task[Any, Any], connection_id: str, reason: str = "
     if result.outcome is Outcome.FAILED_TRANSIENT and retries < rt.settings.max_transient_retries:
         delay = backoff_seconds(retries, retry_after=result.retry_after)
         # Keep the queued marker while the retry waits, so scans do not pile up duplicates.
-        rt.cache.client.expire(rt.cache.queued_key(connection_id), int(delay) + queued_marker_ttl(rt))
+        rt.cache.client.expire(
+            rt.cache.queued_key(connection_id), int(delay) + queued_marker_ttl(rt)
+        )
         raise self.retry(countdown=delay)
     rt.cache.clear_queued(connection_id)
     return result.outcome.value

@@ -21,7 +21,9 @@ from grantkeeper.crypto import generate_key_entry
 from grantkeeper.db import create_db_engine, upgrade
 from grantkeeper.runtime import Runtime, set_runtime
 
-PG_ADMIN_DSN = os.environ.get("GK_TEST_PG_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+PG_ADMIN_DSN = os.environ.get(
+    "GK_TEST_PG_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+)
 PG_HOST = os.environ.get("GK_TEST_PG_HOST", "127.0.0.1:5432")
 REDIS_TEST_URL = os.environ.get("GK_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 

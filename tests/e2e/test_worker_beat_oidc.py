@@ -4,6 +4,7 @@ Redis, checked by the provider's own introspection endpoint."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
@@ -31,13 +32,17 @@ def _access_tokens(rt: Runtime, provider_id: str) -> dict[str, tuple[int, str]]:
     return {
         r.id: (
             r.refresh_count,
-            sealing.unseal(rt.keyring, sealing.CONNECTIONS, r.id, sealing.ACCESS_TOKEN, r.access_token_ct or ""),
+            sealing.unseal(
+                rt.keyring, sealing.CONNECTIONS, r.id, sealing.ACCESS_TOKEN, r.access_token_ct or ""
+            ),
         )
         for r in rows
     }
 
 
-def test_worker_and_beat_keep_grants_alive(runtime: Runtime, settings: Settings, tmp_path: Path) -> None:
+def test_worker_and_beat_keep_grants_alive(
+    runtime: Runtime, settings: Settings, tmp_path: Path
+) -> None:
     """12 connections with 15 s access tokens stay valid at the provider through 3 refresh
     cycles driven only by beat and the worker, with zero reuse detections."""
     with OidcPeer.start([CLIENT], access_ttl=ACCESS_TTL) as peer:
@@ -51,8 +56,6 @@ def test_worker_and_beat_keep_grants_alive(runtime: Runtime, settings: Settings,
                 client_secret=CLIENT.client_secret,
             ),
         )
-        import json
-
         for n in range(CONNECTIONS):
             tokens = peer.obtain_tokens(CLIENT, account=f"user{n}")
             import_connection(runtime, "oidc", f"user{n}", json.dumps(tokens).encode())
@@ -66,8 +69,12 @@ def test_worker_and_beat_keep_grants_alive(runtime: Runtime, settings: Settings,
             GRANTKEEPER_CLOCK_SKEW_SECONDS="1",
             GRANTKEEPER_WORKER_CONCURRENCY="8",
         )
-        worker = start_celery("worker", env, tmp_path / "worker.log", "--without-mingle", "--without-gossip")
-        beat = start_celery("beat", env, tmp_path / "beat.log", "--schedule", str(tmp_path / "beat-schedule"))
+        worker = start_celery(
+            "worker", env, tmp_path / "worker.log", "--without-mingle", "--without-gossip"
+        )
+        beat = start_celery(
+            "beat", env, tmp_path / "beat.log", "--schedule", str(tmp_path / "beat-schedule")
+        )
         checks = inactive = 0
         started = time.monotonic()
         try:
@@ -89,7 +96,7 @@ def test_worker_and_beat_keep_grants_alive(runtime: Runtime, settings: Settings,
         elapsed = time.monotonic() - started
         final = _access_tokens(runtime, provider_id)
         stats = peer.stats()
-        print(  # noqa: T201 - the figures the issue asks for
+        print(
             f"\ne2e: {CONNECTIONS} connections, {ACCESS_TTL}s tokens, {elapsed:.1f}s,"
             f" refreshes per connection {sorted(c for c, _ in final.values())},"
             f" provider stats {stats}, introspection checks {checks}, inactive {inactive}"

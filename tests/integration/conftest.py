@@ -12,7 +12,6 @@ from grantkeeper.runtime import Runtime
 from tests.support.dev import CLIENT
 
 
-
 @pytest.fixture
 def devserver() -> Iterator[DevOAuthServer]:
     server = DevOAuthServer([CLIENT], access_ttl=3600).start()

@@ -98,9 +98,7 @@ def test_invalid_grant_requires_reauth_and_keeps_tokens(
 ) -> None:
     """A dead grant marks the connection reauth_required; its ciphertexts are kept, not wiped."""
     connection_id, grant = import_grant(runtime, devserver, provider_name, "acct-5")
-    devserver.state.revoke_token(
-        "gk-client", str(grant["refresh_token"]), "refresh_token"
-    )
+    devserver.state.revoke_token("gk-client", str(grant["refresh_token"]), "refresh_token")
     before = _row(runtime, connection_id)
     result = RefreshService(runtime).refresh(connection_id, reason="manual", force=True)
     assert result.outcome is Outcome.FAILED_PERMANENT

@@ -17,11 +17,9 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment that makes a child process build the same settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRANTKEEPER_")}
     for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[f"GRANTKEEPER_{name.upper()}"] = str(value)
+        if value is not None:
+            plain = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+            env[f"GRANTKEEPER_{name.upper()}"] = str(plain)
     env.update(extra)
     return env
 
