@@ -17,9 +17,12 @@ import redis
 from sqlalchemy import text
 
 from config.settings import Settings
+from grantkeeper.connections import ProviderSpec, add_provider
 from grantkeeper.crypto import generate_key_entry
 from grantkeeper.db import create_db_engine, upgrade
+from grantkeeper.devserver import DevOAuthServer
 from grantkeeper.runtime import Runtime, set_runtime
+from tests.support.dev import CLIENT
 
 PG_ADMIN_DSN = os.environ.get(
     "GK_TEST_PG_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
@@ -116,3 +119,28 @@ def sqlite_settings(tmp_path: Path, keyring_spec: str, redis_prefix: str) -> Set
         http_read_timeout_seconds=5,
         lock_ttl_seconds=20,
     )
+
+
+@pytest.fixture
+def devserver() -> Iterator[DevOAuthServer]:
+    server = DevOAuthServer([CLIENT], access_ttl=3600).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def provider_name(runtime: Runtime, devserver: DevOAuthServer) -> str:
+    add_provider(
+        runtime,
+        ProviderSpec(
+            name="dev",
+            token_url=devserver.token_url,
+            revocation_url=devserver.revocation_url,
+            client_id=CLIENT.client_id,
+            client_secret=CLIENT.client_secret,
+            auth_method=CLIENT.auth_method,
+        ),
+    )
+    return "dev"

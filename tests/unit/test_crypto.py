@@ -226,7 +226,5 @@ def test_nonces_differ(ring: Keyring) -> None:
     """The same plaintext encrypted twice gives different ciphertexts (fresh random nonce)."""
     ciphertexts = {ring.encrypt(PLAINTEXT, AAD) for _ in range(50)}
     assert len(ciphertexts) == 50
-    nonces = {
-        base64.urlsafe_b64decode(c.rsplit(".", 1)[1] + "==")[:12] for c in ciphertexts
-    }
+    nonces = {base64.urlsafe_b64decode(c.rsplit(".", 1)[1] + "==")[:12] for c in ciphertexts}
     assert len(nonces) == 50

@@ -85,7 +85,9 @@ SUCCESS_CASES = [
         id="expires_at-epoch",
     ),
     pytest.param(
-        _json(access_token=ACCESS, refresh_token=REFRESH, expires_at=str(int(SENT.timestamp()) + 3600)),
+        _json(
+            access_token=ACCESS, refresh_token=REFRESH, expires_at=str(int(SENT.timestamp()) + 3600)
+        ),
         REFRESH,
         EXPIRY_3600,
         False,
@@ -236,9 +238,7 @@ SUCCESS_CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("raw", "refresh", "expires_at", "defaulted", "scope"), SUCCESS_CASES
-)
+@pytest.mark.parametrize(("raw", "refresh", "expires_at", "defaulted", "scope"), SUCCESS_CASES)
 def test_success_responses(
     raw: bytes, refresh: str | None, expires_at: datetime, defaulted: bool, scope: str | None
 ) -> None:
@@ -417,9 +417,7 @@ ERROR_CASES = [
         None,
         id="200-truncated-json",
     ),
-    pytest.param(
-        200, b"\xff\xfe{\x00}", None, MalformedResponse, 200, None, id="200-not-utf8"
-    ),
+    pytest.param(200, b"\xff\xfe{\x00}", None, MalformedResponse, 200, None, id="200-not-utf8"),
     pytest.param(
         200,
         _json(refresh_token=REFRESH, expires_in=3600, token_type="Bearer"),
