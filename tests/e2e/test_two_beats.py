@@ -4,8 +4,8 @@ one active, and the queued marker keeps each due connection to one pending task.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime, timedelta
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -74,7 +74,7 @@ def test_two_beats_schedule_once(
             select(func.count()).where(audit_events.c.event == "scan.completed")
         ).scalar_one()
     stats = devserver.stats()
-    print(f"\ntwo beats: {scans} scans in {elapsed:.1f}s, provider {stats}")  # noqa: T201
+    print(f"\ntwo beats: {scans} scans in {elapsed:.1f}s, provider {stats}")
     assert 1 <= scans <= elapsed + 2
     assert stats["refresh_ok"] == len(ids)
     assert stats["reuse_detections"] == 0
