@@ -18,6 +18,7 @@ import structlog
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from config.logging import secrets_held
 from grantkeeper import repository
 
 log = structlog.get_logger("grantkeeper.audit")
@@ -65,6 +66,12 @@ class Auditor:
         """Log and persist one event. A database failure is logged, never raised: the audit
         line on stdout still exists, and the operation it describes already happened."""
         at = self.clock()
+        if outcome in {"failed", "error", "refused"}:
+            # Failure texts can quote a provider's error_description; scrub any secret this
+            # process holds before the text reaches the log or the table.
+            details = {
+                k: secrets_held.scrub(v) if isinstance(v, str) else v for k, v in details.items()
+            }
         level = "warning" if outcome in {"failed", "error", "refused"} else "info"
         getattr(log, level)(
             event,
