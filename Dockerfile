@@ -35,8 +35,8 @@ RUN pip install --no-deps .
 FROM ${PYTHON_IMAGE} AS runtime
 
 # A fixed uid/gid, so compose's `user: "10001:10001"` and file ownership on hosts match.
-RUN groupadd --system --gid 10001 grantkeeper \
-    && useradd --system --uid 10001 --gid grantkeeper --no-create-home \
+RUN groupadd --gid 10001 grantkeeper \
+    && useradd --uid 10001 --gid grantkeeper --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin grantkeeper
 
 COPY --from=build /opt/venv /opt/venv

@@ -12,7 +12,9 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from config.logging import configure_logging
@@ -21,7 +23,7 @@ from config.settings import Settings, get_settings
 from grantkeeper import repository
 from grantkeeper.audit import cli_actor
 from grantkeeper.crypto import generate_key_entry
-from grantkeeper.errors import GrantkeeperError
+from grantkeeper.errors import ConfigurationError, GrantkeeperError
 from grantkeeper.runtime import Runtime, set_runtime
 
 app = typer.Typer(help="grantkeeper: keeps OAuth 2.0 grants alive, safely.", no_args_is_help=True)
@@ -40,12 +42,21 @@ out = Console()
 err = Console(stderr=True)
 
 
-def _runtime() -> Runtime:
+def _settings() -> Settings:
     try:
-        settings = get_settings()
-    except ValueError as exc:
-        raise GrantkeeperError(f"invalid configuration: {exc}") from None
-    configure_logging(settings.log_level)
+        return get_settings()
+    except ValidationError as exc:
+        # One line, as every classified error; the inputs are never echoed (they hold secrets).
+        problems = "; ".join(e["msg"] for e in exc.errors(include_url=False, include_input=False))
+        raise ConfigurationError(f"invalid configuration: {problems}") from None
+    except ValueError as exc:  # e.g. pydantic-settings' SettingsError for an unreadable .env
+        raise ConfigurationError(f"invalid configuration: {exc}") from None
+
+
+def _runtime() -> Runtime:
+    settings = _settings()
+    # Audit lines go to stderr: stdout carries only the command's result (an id, a token, JSON).
+    configure_logging(settings.log_level, stream=sys.stderr)
     rt = Runtime(settings, actor=cli_actor())
     rt.keyring  # noqa: B018 - a missing keyring is reported before anything else happens
     set_runtime(rt)
@@ -81,7 +92,7 @@ def db_upgrade() -> None:
     """Create or migrate the schema to the latest revision."""
     from grantkeeper.db import create_db_engine, current_revision, upgrade  # noqa: PLC0415
 
-    settings = get_settings()
+    settings = _settings()
     engine = create_db_engine(settings)
     upgrade(engine)
     err.print(f"schema at revision {current_revision(engine)}")
@@ -297,20 +308,22 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except GrantkeeperError as exc:
-        err.print(f"[red]error[/red] ({exc.error_class}): {exc}")
+        # One line: no wrapping at the console width, and the message is not Rich markup.
+        err.print(f"[red]error[/red] ({exc.error_class}): {escape(str(exc))}", soft_wrap=True)
         sys.exit(1)
     except (typer.Exit, SystemExit) as exc:
         code = exc.exit_code if isinstance(exc, typer.Exit) else exc.code
         sys.exit(code if isinstance(code, int) else 0)
-    except Exception as exc:
-        import click  # noqa: PLC0415
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+    except typer.Abort:
+        sys.exit(130)
+    except typer.TyperException as exc:
+        # Usage errors. Typer vendors Click (typer._click), so these are not click.ClickException.
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            err.print(f"error: {escape(exc.format_message())}", soft_wrap=True)
+        sys.exit(exc.exit_code)
 
 
 __all__ = ["UTC", "Settings", "app", "main"]

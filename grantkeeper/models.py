@@ -73,6 +73,7 @@ connections = Table(
     Column("last_error_class", String(64)),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("rotation_checked_at", DateTime(timezone=True)),
     UniqueConstraint("provider_id", "account"),
     # The scan reads only active connections ordered by expiry: a partial index keeps its cost
     # proportional to the rows due, not the table.
@@ -101,4 +102,19 @@ audit_events = Table(
     Column("details", JSON, nullable=False),
     Index("ix_audit_events_connection_at", "connection_id", "at"),
     Index("ix_audit_events_at", "at"),
+)
+
+pending_revocations = Table(
+    "pending_revocations",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("connection_id", String(36), nullable=False),
+    Column("provider_id", String(36), nullable=False),
+    Column("token_ct", Text, nullable=False),
+    Column("token_type_hint", String(20), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", String(200)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Index("ix_pending_revocations_next", "next_attempt_at"),
 )

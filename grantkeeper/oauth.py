@@ -14,8 +14,13 @@ from urllib.parse import quote
 
 import httpx
 
-from grantkeeper.errors import MalformedResponse, TransientProviderError
-from grantkeeper.token_response import TokenSet, parse_retry_after, parse_token_response
+from grantkeeper.errors import MalformedResponse, ProviderError, TransientProviderError
+from grantkeeper.token_response import (
+    TokenSet,
+    classify_error_response,
+    parse_retry_after,
+    parse_token_response,
+)
 
 AUTH_METHODS = ("client_secret_basic", "client_secret_post")
 
@@ -111,3 +116,31 @@ class OAuthClient:
             skew=self.skew,
             retry_after=retry_after,
         )
+
+
+@dataclass(frozen=True)
+class RevocationAnswer:
+    """What a provider said to an RFC 7009 revocation request."""
+
+    done: bool  # the provider no longer honours the token (or never knew it)
+    http_status: int | None
+    oauth_error: str | None
+    detail: str
+
+
+def revoke_token(
+    client: OAuthClient, revocation_url: str, endpoint: ProviderEndpoint, token: str, hint: str
+) -> RevocationAnswer:
+    """RFC 7009: 200 means revoked (also for unknown tokens); ``unsupported_token_type`` means
+    the provider cannot revoke that kind, which is final too; anything else is retried."""
+    headers, form = client._authenticated(endpoint, {"token": token, "token_type_hint": hint})  # noqa: SLF001
+    try:
+        status, _, raw = client._post(revocation_url, headers, form)  # noqa: SLF001
+    except ProviderError as exc:
+        return RevocationAnswer(False, exc.http_status, None, str(exc))
+    if status == 200:
+        return RevocationAnswer(True, status, None, "revoked")
+    error = classify_error_response(status, raw, None)
+    if error.oauth_error == "unsupported_token_type":
+        return RevocationAnswer(True, status, error.oauth_error, "provider cannot revoke this type")
+    return RevocationAnswer(False, status, error.oauth_error, str(error))

@@ -61,6 +61,7 @@ class ConnectionRecord:
     last_error_class: str | None
     created_at: datetime
     updated_at: datetime
+    rotation_checked_at: datetime | None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> ConnectionRecord:
@@ -71,6 +72,7 @@ class ConnectionRecord:
             "access_issued_at",
             "refresh_issued_at",
             "last_refresh_at",
+            "rotation_checked_at",
         ):
             values[f] = _utc(values[f])
         values["created_at"] = _utc(values["created_at"])

@@ -88,7 +88,7 @@ def runtime(settings: Settings, _migrated: None) -> Iterator[Runtime]:
     """A runtime on clean tables and an empty key prefix."""
     rt = Runtime(settings, actor="test")
     with rt.engine.begin() as conn:
-        conn.execute(text("TRUNCATE providers, connections, audit_events"))
+        conn.execute(text("TRUNCATE providers, connections, audit_events, pending_revocations"))
     rt.cache.delete_all()
     set_runtime(rt)
     try:
