@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -38,8 +39,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(providers_app, name="providers")
 app.add_typer(connections_app, name="connections")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _settings() -> Settings:
@@ -289,6 +290,157 @@ def refresh(connection_id: str) -> None:
         raise result.error
     if not result.ok:
         raise typer.Exit(1)
+
+
+@app.command("revoke")
+def revoke(
+    connection_id: Annotated[str | None, typer.Argument(help="The connection to revoke.")] = None,
+    reason: Annotated[
+        str, typer.Option("--reason", help="Recorded in the audit trail.")
+    ] = "operator",
+    local_only: Annotated[
+        bool, typer.Option("--local-only", help="Forget the tokens without calling the provider.")
+    ] = False,
+    all_connections: Annotated[
+        bool, typer.Option("--all", help="Every connection: the compromise runbook.")
+    ] = False,
+    provider: Annotated[
+        str | None, typer.Option("--provider", help="Every connection of one provider.")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Confirm a bulk revocation.")] = False,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Suspected exposure time, for the follow-up steps."),
+    ] = None,
+) -> None:
+    """Revoke one connection at its provider (RFC 7009) and locally; or all of them."""
+    from grantkeeper.revoke import RevokeService  # noqa: PLC0415
+
+    if sum((connection_id is not None, all_connections, provider is not None)) != 1:
+        raise typer.BadParameter("give exactly one of ID, --all or --provider NAME")
+    rt = _runtime()
+    if connection_id is not None:
+        result = RevokeService(rt).revoke(connection_id, reason=reason, local_only=local_only)
+        err.print(f"{connection_id}: revoked locally; provider: {result.provider_outcome}")
+        for hint, answer in result.answers.items():
+            err.print(f"  {hint}: {answer}")
+        if result.provider_note:
+            err.print(f"[yellow]{result.provider_note}[/yellow]")
+        if result.retry_scheduled:
+            err.print("the provider did not confirm; the worker retries in the background")
+        return
+    _revoke_bulk(rt, provider, reason=reason, yes=yes, since=since)
+
+
+def _revoke_bulk(
+    rt: Runtime, provider: str | None, *, reason: str, yes: bool, since: str | None
+) -> None:
+    from rich.progress import Progress  # noqa: PLC0415
+
+    from grantkeeper.compromise import remaining_steps, revoke_many  # noqa: PLC0415
+
+    with rt.engine.connect() as conn:
+        provider_id = None
+        if provider is not None:
+            record = repository.get_provider_by_name(conn, provider)
+            if record is None:
+                raise GrantkeeperError(f"no provider named {provider!r}")
+            provider_id = record.id
+        ids = repository.connection_ids(conn, provider_id=provider_id)
+    if not yes:
+        raise typer.BadParameter(f"this revokes {len(ids)} connection(s); pass --yes to confirm")
+    dispatch = _worker_dispatch(reason)
+    err.print(
+        f"revoking {len(ids)} connection(s) "
+        + ("through the worker" if dispatch else "in this process (no worker answered)")
+    )
+    with Progress(console=err) as bar:
+        task = bar.add_task("revoked", total=len(ids))
+        report = revoke_many(
+            rt,
+            ids,
+            reason=reason,
+            dispatch=dispatch,
+            progress=lambda done, _total: bar.update(task, completed=done),
+            flush_all_keys=provider is None,
+        )
+    err.print(
+        f"{report.revoked}/{report.targeted} revoked in {report.seconds:.1f}s"
+        f" ({report.revoked / max(report.seconds, 1e-9):.0f}/s);"
+        f" {report.redis_keys_removed} grantkeeper keys removed from Redis"
+    )
+    rt.auditor.emit(
+        "compromise.bulk_revoked",
+        "ok" if report.revoked == report.targeted else "partial",
+        provider=provider,
+        targeted=report.targeted,
+        revoked=report.revoked,
+        via_worker=report.via_worker,
+        redis_keys_removed=report.redis_keys_removed,
+    )
+    out.print("\nWhat remains for a person to do:")
+    for number, step in enumerate(remaining_steps(since, report.manual_withdrawals), 1):
+        out.print(f"  {number}. {step}", markup=False)
+    if report.revoked != report.targeted:
+        raise typer.Exit(1)
+
+
+def _worker_dispatch(reason: str) -> Callable[[str], None] | None:
+    """Send revoke tasks if a worker answers a ping; None otherwise."""
+    from tasks.revoke import revoke_connection  # noqa: PLC0415
+    from worker import app as celery_app  # noqa: PLC0415
+
+    try:
+        answered = celery_app.control.ping(timeout=1.5)
+    except Exception:  # noqa: BLE001 - no broker means no worker: revoke here
+        return None
+    if not answered:
+        return None
+    return lambda connection_id: revoke_connection.delay(connection_id, reason)
+
+
+@app.command("audit")
+def audit(
+    connection: Annotated[str | None, typer.Option("--connection")] = None,
+    event: Annotated[
+        str | None, typer.Option("--event", help="Event name; * matches any text.")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="ISO 8601 time, e.g. 2026-12-01T00:00:00Z")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit")] = 1000,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Read the audit trail, oldest first."""
+    rt = _runtime()
+    since_at = None
+    if since is not None:
+        try:
+            since_at = datetime.fromisoformat(since.replace("Z", "+00:00"))
+        except ValueError:
+            raise typer.BadParameter("--since takes an ISO 8601 time") from None
+        if since_at.tzinfo is None:
+            since_at = since_at.replace(tzinfo=UTC)
+    with rt.engine.connect() as conn:
+        rows = repository.list_audit_events(
+            conn, connection_id=connection, event=event, since=since_at, limit=limit
+        )
+    if as_json:
+        for row in rows:
+            print(json.dumps({**row, "at": row["at"].isoformat()}, default=str))
+        return
+    table = Table("at", "event", "outcome", "connection", "provider", "actor", "details")
+    for row in rows:
+        table.add_row(
+            row["at"].isoformat(timespec="seconds"),
+            row["event"],
+            row["outcome"],
+            row["connection_id"] or "",
+            row["provider"] or "",
+            row["actor"],
+            json.dumps(row["details"], default=str)[:120],
+        )
+    out.print(table)
 
 
 @app.command("demo")

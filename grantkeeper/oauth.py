@@ -102,9 +102,30 @@ class OAuthClient:
 
     def refresh(self, endpoint: ProviderEndpoint, refresh_token: str) -> TokenSet:
         """One refresh_token grant. Raises a classified ProviderError on any failure."""
-        headers, form = self._authenticated(
+        return self._grant(
             endpoint, {"grant_type": "refresh_token", "refresh_token": refresh_token}
         )
+
+    def exchange_code(
+        self, endpoint: ProviderEndpoint, code: str, redirect_uri: str, code_verifier: str
+    ) -> TokenSet:
+        """One authorization_code grant (RFC 6749 4.1.3, PKCE RFC 7636 4.5).
+
+        Called exactly once per code: codes are single-use, and presenting one twice makes
+        providers revoke everything issued for it. A failure is raised, never retried.
+        """
+        return self._grant(
+            endpoint,
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": redirect_uri,
+                "code_verifier": code_verifier,
+            },
+        )
+
+    def _grant(self, endpoint: ProviderEndpoint, grant: dict[str, str]) -> TokenSet:
+        headers, form = self._authenticated(endpoint, grant)
         sent_at = datetime.now(UTC)
         status, response_headers, raw = self._post(endpoint.token_url, headers, form)
         retry_after = parse_retry_after(response_headers.get("retry-after"), datetime.now(UTC))
@@ -133,9 +154,9 @@ def revoke_token(
 ) -> RevocationAnswer:
     """RFC 7009: 200 means revoked (also for unknown tokens); ``unsupported_token_type`` means
     the provider cannot revoke that kind, which is final too; anything else is retried."""
-    headers, form = client._authenticated(endpoint, {"token": token, "token_type_hint": hint})  # noqa: SLF001
+    headers, form = client._authenticated(endpoint, {"token": token, "token_type_hint": hint})
     try:
-        status, _, raw = client._post(revocation_url, headers, form)  # noqa: SLF001
+        status, _, raw = client._post(revocation_url, headers, form)
     except ProviderError as exc:
         return RevocationAnswer(False, exc.http_status, None, str(exc))
     if status == 200:

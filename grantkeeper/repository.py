@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, func, insert, select, update
 
-from grantkeeper.models import ACTIVE, audit_events, connections, providers
+from grantkeeper.models import ACTIVE, audit_events, connections, pending_revocations, providers
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -234,3 +234,87 @@ def list_audit_events(
         item["at"] = _utc(item["at"])
         out.append(item)
     return out
+
+
+# -- revocation --------------------------------------------------------------------------------
+
+
+def destroy_tokens(
+    conn: Connection, connection_id: str, expected_version: int, *, status: str, now: datetime
+) -> bool:
+    """Forget a connection's tokens (fenced): the only delete of a token grantkeeper does, and
+    only on an operator's or a revocation's explicit request, never on a failure."""
+    return fenced_update(
+        conn,
+        connection_id,
+        expected_version,
+        {
+            "access_token_ct": None,
+            "refresh_token_ct": None,
+            "access_expires_at": None,
+            "status": status,
+            "updated_at": now,
+        },
+    )
+
+
+def insert_pending_revocations(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    if rows:
+        conn.execute(insert(pending_revocations), list(rows))
+
+
+def due_pending_revocations(conn: Connection, now: datetime, limit: int) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        select(pending_revocations)
+        .where(pending_revocations.c.next_attempt_at <= now)
+        .order_by(pending_revocations.c.next_attempt_at)
+        .limit(limit)
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+def delete_pending_revocation(conn: Connection, pending_id: str) -> None:
+    conn.execute(pending_revocations.delete().where(pending_revocations.c.id == pending_id))
+
+
+def postpone_pending_revocation(
+    conn: Connection, pending_id: str, *, next_attempt_at: datetime, error: str
+) -> None:
+    conn.execute(
+        update(pending_revocations)
+        .where(pending_revocations.c.id == pending_id)
+        .values(
+            attempts=pending_revocations.c.attempts + 1,
+            next_attempt_at=next_attempt_at,
+            last_error=error[:200],
+        )
+    )
+
+
+def count_pending_revocations(conn: Connection) -> int:
+    return int(conn.execute(select(func.count()).select_from(pending_revocations)).scalar_one())
+
+
+def connection_ids(
+    conn: Connection, *, provider_id: str | None = None, exclude_status: str | None = None
+) -> list[str]:
+    query = select(connections.c.id).order_by(connections.c.id)
+    if provider_id is not None:
+        query = query.where(connections.c.provider_id == provider_id)
+    if exclude_status is not None:
+        query = query.where(connections.c.status != exclude_status)
+    return [r.id for r in conn.execute(query)]
+
+
+def count_with_status(conn: Connection, ids: Sequence[str], status: str) -> int:
+    total = 0
+    for start in range(0, len(ids), 1000):
+        chunk = ids[start : start + 1000]
+        total += int(
+            conn.execute(
+                select(func.count()).where(
+                    connections.c.id.in_(chunk), connections.c.status == status
+                )
+            ).scalar_one()
+        )
+    return total

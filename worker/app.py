@@ -47,8 +47,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": settings.scan_interval_seconds,
                 "options": {"expires": settings.scan_interval_seconds * 2},
             },
+            "grantkeeper-revocation-retries": {
+                "task": "grantkeeper.retry_provider_revocations",
+                "schedule": 60.0,
+                "options": {"expires": 120},
+            },
         },
-        "imports": ["tasks.refresh"],
+        "imports": ["tasks.refresh", "tasks.revoke"],
         "worker_hijack_root_logger": False,
     }
 

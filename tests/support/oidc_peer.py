@@ -48,6 +48,7 @@ __all__ = [
     "OidcPeerError",
     "ensure_installed",
     "free_port",
+    "play_browser",
 ]
 
 PEER_DIR = Path(__file__).resolve().parents[1] / "peers" / "oidc"
@@ -179,6 +180,82 @@ class _FormParser(HTMLParser):
         if tag == "form" and self._in_form:
             self._in_form = False
             self._done = True
+
+
+class _CancelLinkParser(HTMLParser):
+    """Find the href of the devInteractions pages' ``[ Cancel ]`` link (the abort URL)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.href: str | None = None
+        self._current: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self._current = dict(attrs).get("href")
+
+    def handle_data(self, data: str) -> None:
+        if self._current is not None and self.href is None and "Cancel" in data:
+            self.href = self._current
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "a":
+            self._current = None
+
+
+def play_browser(
+    url: str,
+    redirect_uri: str,
+    *,
+    account: str = "alice",
+    cancel: bool = False,
+    max_steps: int = 20,
+    timeout: float = 10.0,
+) -> str:
+    """Play a user's browser from an authorization URL to the redirect back to the client.
+
+    Follows redirects and fills in the peer's devInteractions pages by hand: logs in as
+    ``account`` (any password), confirms the consent form. With ``cancel`` it follows the
+    first page's ``[ Cancel ]`` link instead, so the peer redirects with
+    ``error=access_denied``. Returns the absolute URL of the first redirect whose scheme, host,
+    port and path are ``redirect_uri``'s (the callback with ``code``/``state`` or ``error``);
+    that URL is *not* fetched, so the caller decides what to do with it.
+    """
+    with httpx.Client(timeout=timeout, follow_redirects=False) as browser:
+        response = browser.get(url)
+        for _ in range(max_steps):
+            if response.is_redirect:
+                target = urljoin(str(response.url), response.headers["location"])
+                if _same_endpoint(target, redirect_uri):
+                    return target
+                response = browser.get(target)
+                continue
+            if response.status_code != 200:
+                raise OidcPeerError(
+                    f"unexpected {response.status_code} at {response.url}: {response.text}"
+                )
+            if cancel:
+                link = _CancelLinkParser()
+                link.feed(response.text)
+                if link.href is None:
+                    raise OidcPeerError(f"no cancel link at {response.url}")
+                response = browser.get(urljoin(str(response.url), link.href))
+                continue
+            form = _FormParser()
+            form.feed(response.text)
+            if form.action is None:
+                raise OidcPeerError(f"no form at {response.url}: {response.text[:500]}")
+            fields = dict(form.fields)
+            if "login" in fields:
+                fields["login"] = account
+            if "password" in fields:
+                fields["password"] = "any-password"
+            action = urljoin(str(response.url), form.action)
+            if form.method == "post":
+                response = browser.post(action, data=fields)
+            else:
+                response = browser.get(action, params=fields)
+    raise OidcPeerError(f"authorization flow did not reach the redirect URI in {max_steps} steps")
 
 
 def _pkce_pair() -> tuple[str, str]:
@@ -418,34 +495,7 @@ class OidcPeer:
 
     def _authorize(self, client: ClientSpec, url: str, account: str) -> str:
         """Follow redirects and submit forms by hand until the redirect to the client."""
-        with httpx.Client(timeout=10.0, follow_redirects=False) as browser:
-            response = browser.get(url)
-            for _ in range(20):
-                if response.is_redirect:
-                    target = urljoin(str(response.url), response.headers["location"])
-                    if _same_endpoint(target, client.redirect_uri):
-                        return target
-                    response = browser.get(target)
-                    continue
-                if response.status_code != 200:
-                    raise OidcPeerError(
-                        f"unexpected {response.status_code} at {response.url}: {response.text}"
-                    )
-                form = _FormParser()
-                form.feed(response.text)
-                if form.action is None:
-                    raise OidcPeerError(f"no form at {response.url}: {response.text[:500]}")
-                fields = dict(form.fields)
-                if "login" in fields:
-                    fields["login"] = account
-                if "password" in fields:
-                    fields["password"] = "any-password"
-                action = urljoin(str(response.url), form.action)
-                if form.method == "post":
-                    response = browser.post(action, data=fields)
-                else:
-                    response = browser.get(action, params=fields)
-        raise OidcPeerError("authorization flow did not reach the redirect URI in 20 steps")
+        return play_browser(url, client.redirect_uri, account=account)
 
     def token_request(self, client: ClientSpec, data: dict[str, str]) -> tuple[int, dict[str, Any]]:
         """POST ``data`` to the token endpoint with the client's auth; (status, JSON body)."""

@@ -1,0 +1,276 @@
+"""Revocation: at the provider (RFC 7009) where it can be done, and always locally.
+
+Under the connection's lock: read the tokens, ask the provider to revoke the refresh token
+(first: it ends the grant) and then the access token, then destroy the local ciphertexts and
+mark the connection revoked, whatever the provider said. A provider that failed does not hold
+the local revocation back: the tokens it still has to revoke are parked, encrypted and bound
+to a ``pending_revocations`` row, and retried in the background until it confirms.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import redis
+import structlog
+from redis.exceptions import LockError
+
+from config.presets import PRESETS
+from grantkeeper import repository, sealing
+from grantkeeper.errors import ConnectionNotFound, DecryptionError, LockNotAcquired
+from grantkeeper.models import REVOKED
+from grantkeeper.oauth import RevocationAnswer, revoke_token
+from grantkeeper.refresh import endpoint_for
+from grantkeeper.repository import ConnectionRecord, ProviderRecord
+from grantkeeper.runtime import Runtime
+from grantkeeper.timing import backoff_seconds
+
+log = structlog.get_logger("grantkeeper.revoke")
+
+PENDING = "pending_revocations"
+TOKEN_COLUMN = "token_ct"  # noqa: S105 - a column name
+# After this long a parked token is dropped (audited): access tokens have expired by then, and
+# an operator has had a week of audit events saying the provider refuses.
+GIVE_UP_AFTER = timedelta(days=7)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class RevokeResult:
+    connection_id: str
+    provider: str
+    # "revoked" | "no_endpoint" | "local_only" | "failed_will_retry" | "already_revoked"
+    provider_outcome: str
+    provider_note: str | None = None
+    answers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def retry_scheduled(self) -> bool:
+        return self.provider_outcome == "failed_will_retry"
+
+
+def withdrawal_note(provider: ProviderRecord) -> str:
+    """What a person must do at a provider that has no revocation endpoint."""
+    for preset_name, preset in PRESETS.items():
+        if preset.token_url == provider.token_url and preset.revocation_note:
+            return f"{preset_name} has no revocation endpoint: {preset.revocation_note}"
+    return (
+        f"provider {provider.name} has no revocation endpoint: withdraw grantkeeper's access in"
+        " the provider's own settings"
+    )
+
+
+class RevokeService:
+    def __init__(self, rt: Runtime, clock: Callable[[], datetime] = _now):
+        self.rt = rt
+        self.clock = clock
+
+    def revoke(self, connection_id: str, *, reason: str, local_only: bool = False) -> RevokeResult:
+        lock = self.rt.cache.lock(connection_id, self.rt.settings.lock_ttl_seconds, None)
+        held = self._acquire(lock)
+        try:
+            result = self._revoke_locked(connection_id, reason, local_only)
+        finally:
+            if held:
+                try:
+                    lock.release()
+                except LockError:
+                    log.warning("revoke.lock_lost", connection_id=connection_id)
+        return result
+
+    def _acquire(self, lock: redis.lock.Lock) -> bool:
+        """Wait out a refresh in flight (its lock outlives its provider call). Without Redis no
+        refresh can start either, so revocation, a safety action, proceeds unlocked."""
+        try:
+            if lock.acquire(blocking=True, blocking_timeout=self.rt.settings.lock_ttl_seconds):
+                return True
+        except redis.RedisError:
+            log.warning("revoke.without_lock", reason="redis unavailable")
+            return False
+        raise LockNotAcquired("the connection's lock is held beyond its TTL; try again")
+
+    def _load(self, connection_id: str) -> tuple[ConnectionRecord, ProviderRecord]:
+        with self.rt.engine.connect() as conn:
+            record = repository.get_connection(conn, connection_id)
+            provider = repository.get_provider(conn, record.provider_id) if record else None
+        if record is None or provider is None:
+            raise ConnectionNotFound(f"no connection {connection_id}")
+        return record, provider
+
+    def _open_tokens(self, record: ConnectionRecord) -> dict[str, str]:
+        """The tokens to revoke at the provider, refresh token first. A ciphertext that does not
+        decrypt cannot be revoked remotely; it is reported and still destroyed locally."""
+        tokens: dict[str, str] = {}
+        for hint, column, ciphertext in (
+            ("refresh_token", sealing.REFRESH_TOKEN, record.refresh_token_ct),
+            ("access_token", sealing.ACCESS_TOKEN, record.access_token_ct),
+        ):
+            if ciphertext is None:
+                continue
+            try:
+                tokens[hint] = sealing.unseal(
+                    self.rt.keyring, sealing.CONNECTIONS, record.id, column, ciphertext
+                )
+            except DecryptionError as exc:
+                self.rt.auditor.emit(
+                    "token.decryption_failed",
+                    "error",
+                    connection_id=record.id,
+                    key_id=exc.key_id,
+                    column=column,
+                    reason=exc.reason,
+                )
+        return tokens
+
+    def _revoke_locked(self, connection_id: str, reason: str, local_only: bool) -> RevokeResult:
+        record, provider = self._load(connection_id)
+        if record.status == REVOKED and not record.refresh_token_ct and not record.access_token_ct:
+            result = RevokeResult(connection_id, provider.name, "already_revoked")
+            self._audit(result, record, reason, local_only)
+            return result
+        tokens = self._open_tokens(record)
+        unrevoked: dict[str, str] = {}
+        answers: dict[str, str] = {}
+        note = None
+        if local_only:
+            outcome = "local_only"
+        elif provider.revocation_url is None:
+            outcome, note = "no_endpoint", withdrawal_note(provider)
+        else:
+            endpoint = endpoint_for(self.rt, provider)
+            for hint, token in tokens.items():
+                answer = revoke_token(self.rt.oauth, provider.revocation_url, endpoint, token, hint)
+                answers[hint] = _describe(answer)
+                if not answer.done:
+                    unrevoked[hint] = token
+            outcome = "failed_will_retry" if unrevoked else "revoked"
+        self._destroy_locally(record, provider, unrevoked)
+        result = RevokeResult(connection_id, provider.name, outcome, note, answers)
+        self._audit(result, record, reason, local_only)
+        return result
+
+    def _destroy_locally(
+        self, record: ConnectionRecord, provider: ProviderRecord, unrevoked: dict[str, str]
+    ) -> None:
+        now = self.clock()
+        parked = []
+        for hint, token in unrevoked.items():
+            pending_id = str(uuid.uuid4())
+            parked.append(
+                {
+                    "id": pending_id,
+                    "connection_id": record.id,
+                    "provider_id": provider.id,
+                    "token_ct": sealing.seal(
+                        self.rt.keyring, PENDING, pending_id, TOKEN_COLUMN, token
+                    ),
+                    "token_type_hint": hint,
+                    "attempts": 1,
+                    "created_at": now,
+                    "next_attempt_at": now + timedelta(seconds=backoff_seconds(1)),
+                }
+            )
+        with self.rt.engine.begin() as conn:
+            current = repository.get_connection(conn, record.id)
+            version = current.version if current else record.version
+            repository.destroy_tokens(conn, record.id, version, status=REVOKED, now=now)
+            repository.insert_pending_revocations(conn, parked)
+        try:
+            self.rt.cache.drop(record.id)
+            self.rt.cache.clear_queued(record.id)
+        except redis.RedisError:
+            # The cached entry is a ciphertext of a token that is now revoked, and it expires.
+            log.warning("revoke.cache_drop_failed", connection_id=record.id)
+
+    def _audit(
+        self, result: RevokeResult, record: ConnectionRecord, reason: str, local_only: bool
+    ) -> None:
+        self.rt.auditor.emit(
+            "connection.revoked",
+            "ok" if result.provider_outcome != "failed_will_retry" else "partial",
+            connection_id=record.id,
+            provider=result.provider,
+            version=record.version + (0 if result.provider_outcome == "already_revoked" else 1),
+            reason=reason,
+            local_only=local_only,
+            provider_outcome=result.provider_outcome,
+            provider_answers=result.answers,
+            note=result.provider_note,
+        )
+
+    # -- background retries ------------------------------------------------------------------
+
+    def retry_pending(self, limit: int = 200) -> tuple[int, int]:
+        """Retry parked provider revocations that are due. Returns (done, still pending)."""
+        now = self.clock()
+        with self.rt.engine.connect() as conn:
+            due = repository.due_pending_revocations(conn, now, limit)
+        done = 0
+        for row in due:
+            if self._retry_one(row, now):
+                done += 1
+        return done, len(due) - done
+
+    def _retry_one(self, row: dict[str, object], now: datetime) -> bool:
+        pending_id = str(row["id"])
+        with self.rt.engine.connect() as conn:
+            provider = repository.get_provider(conn, str(row["provider_id"]))
+        created = row["created_at"]
+        assert isinstance(created, datetime)  # noqa: S101
+        created = created if created.tzinfo else created.replace(tzinfo=UTC)
+        if provider is None or provider.revocation_url is None or now - created > GIVE_UP_AFTER:
+            with self.rt.engine.begin() as conn:
+                repository.delete_pending_revocation(conn, pending_id)
+            self.rt.auditor.emit(
+                "revocation.abandoned",
+                "failed",
+                connection_id=str(row["connection_id"]),
+                provider=provider.name if provider else None,
+                token_type_hint=str(row["token_type_hint"]),
+                attempts=row["attempts"],
+            )
+            return False
+        token = sealing.unseal(
+            self.rt.keyring, PENDING, pending_id, TOKEN_COLUMN, str(row["token_ct"])
+        )
+        answer = revoke_token(
+            self.rt.oauth,
+            provider.revocation_url,
+            endpoint_for(self.rt, provider),
+            token,
+            str(row["token_type_hint"]),
+        )
+        attempts = int(str(row["attempts"]))
+        with self.rt.engine.begin() as conn:
+            if answer.done:
+                repository.delete_pending_revocation(conn, pending_id)
+            else:
+                repository.postpone_pending_revocation(
+                    conn,
+                    pending_id,
+                    next_attempt_at=now + timedelta(seconds=backoff_seconds(attempts, cap=3600)),
+                    error=answer.detail,
+                )
+        self.rt.auditor.emit(
+            "revocation.provider_retry",
+            "ok" if answer.done else "failed",
+            connection_id=str(row["connection_id"]),
+            provider=provider.name,
+            token_type_hint=str(row["token_type_hint"]),
+            attempts=attempts + 1,
+            answer=_describe(answer),
+        )
+        return answer.done
+
+
+def _describe(answer: RevocationAnswer) -> str:
+    if answer.done:
+        return f"HTTP {answer.http_status}: {answer.detail}"
+    status = f"HTTP {answer.http_status}" if answer.http_status else "no answer"
+    return f"{status}: {answer.detail}"
