@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     lock_ttl_seconds: float = Field(default=60.0, gt=0)
     lock_wait_seconds: float = Field(default=30.0, ge=0)
 
+    # Monthly rotation: force-refresh refresh tokens older than this, at this pace, on this
+    # crontab ("minute hour day-of-month month day-of-week").
+    rotation_max_age_days: int = Field(default=30, ge=1)
+    rotation_schedule: str = "0 3 1 * *"
+    rotation_rate_per_second: float = Field(default=5.0, gt=0)
+
     # Worker. The queue name keeps several deployments (or the demo) apart on one Redis.
     celery_queue: str = "grantkeeper"
     worker_concurrency: int = Field(default=32, ge=1)
@@ -107,6 +113,16 @@ class Settings(BaseSettings):
                 f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         return data
+
+    @field_validator("rotation_schedule")
+    @classmethod
+    def _five_crontab_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(
+                "rotation_schedule takes five crontab fields: minute hour day-of-month month"
+                " day-of-week (e.g. '0 3 1 * *')"
+            )
+        return value
 
     @field_validator("redis_key_prefix")
     @classmethod

@@ -90,6 +90,14 @@ def endpoint_for(runtime: Runtime, provider: ProviderRecord) -> ProviderEndpoint
     )
 
 
+@dataclass(frozen=True)
+class _Request:
+    reason: str
+    force: bool
+    seen_version: int
+    rotation_cutoff: datetime | None
+
+
 class RefreshService:
     def __init__(self, runtime: Runtime, clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
         self.rt = runtime
@@ -130,21 +138,23 @@ class RefreshService:
         force: bool = False,
         wait: float = 0.0,
         seen_version: int | None = None,
+        rotation_cutoff: datetime | None = None,
     ) -> RefreshResult:
         """Refresh one connection if it is due (or ``force``), under its lock.
 
         ``seen_version``: the version the caller based its decision on; if the row moved past
         it by the time we hold the lock, someone else refreshed and we return their result.
+        ``rotation_cutoff``: the monthly rotation's question instead of "is the access token
+        due": was the refresh token issued before the cutoff, and not yet tried since?
         """
         started = time.monotonic()
         record, provider = self._load(connection_id)
         if seen_version is None:
             seen_version = record.version
+        request = _Request(reason, force, seen_version, rotation_cutoff)
         if record.status != ACTIVE:
             return self._skip(Outcome.UNAVAILABLE, record, provider, reason, started)
-        if not force and not is_due(
-            self.clock(), self.margin, record.access_issued_at, record.access_expires_at
-        ):
+        if not self._wanted(record, request):
             return self._skip(Outcome.NOT_DUE, record, provider, reason, started)
 
         settings = self.rt.settings
@@ -154,9 +164,7 @@ class RefreshService:
             return self._skip(Outcome.CONTENDED, record, provider, reason, started)
         lock_waited = time.monotonic() - started
         try:
-            result = self._refresh_locked(
-                connection_id, provider, reason, force, seen_version, lock
-            )
+            result = self._refresh_locked(connection_id, request, lock)
         finally:
             try:
                 lock.release()
@@ -165,23 +173,25 @@ class RefreshService:
         self._audit(result, provider, reason, started, lock_waited)
         return result
 
+    def _wanted(self, record: ConnectionRecord, request: _Request) -> bool:
+        if request.force:
+            return True
+        if request.rotation_cutoff is not None:
+            cutoff = request.rotation_cutoff
+            issued = record.refresh_issued_at
+            checked = record.rotation_checked_at
+            return issued is not None and issued < cutoff and (checked is None or checked < cutoff)
+        return is_due(self.clock(), self.margin, record.access_issued_at, record.access_expires_at)
+
     def _refresh_locked(
-        self,
-        connection_id: str,
-        provider: ProviderRecord,
-        reason: str,
-        force: bool,
-        seen_version: int,
-        lock: redis.lock.Lock,
+        self, connection_id: str, request: _Request, lock: redis.lock.Lock
     ) -> RefreshResult:
         record, provider = self._load(connection_id)
-        if record.version != seen_version and record.status == ACTIVE:
+        if record.version != request.seen_version and record.status == ACTIVE:
             return self._result(Outcome.REFRESHED_ELSEWHERE, record)
         if record.status != ACTIVE:
             return self._result(Outcome.UNAVAILABLE, record)
-        if not force and not is_due(
-            self.clock(), self.margin, record.access_issued_at, record.access_expires_at
-        ):
+        if not self._wanted(record, request):
             return self._result(Outcome.REFRESHED_ELSEWHERE, record)
         try:
             refresh_token = self._open_refresh_token(record)
@@ -194,7 +204,9 @@ class RefreshService:
             tokens = self.rt.oauth.refresh(endpoint, refresh_token)
         except ProviderError as exc:
             return self._provider_failed(record, exc)
-        return self._persist(record, tokens, refresh_token)
+        return self._persist(
+            record, tokens, refresh_token, rotation=request.rotation_cutoff is not None
+        )
 
     def _open_refresh_token(self, record: ConnectionRecord) -> str:
         if record.refresh_token_ct is None:
@@ -234,7 +246,7 @@ class RefreshService:
             self.rt.cache.drop(record.id)
 
     def _persist(
-        self, record: ConnectionRecord, tokens: TokenSet, old_refresh: str
+        self, record: ConnectionRecord, tokens: TokenSet, old_refresh: str, *, rotation: bool
     ) -> RefreshResult:
         keyring = self.rt.keyring
         now = self.clock()
@@ -251,6 +263,8 @@ class RefreshService:
             "last_error_class": None,
             "updated_at": now,
         }
+        if rotation:
+            values["rotation_checked_at"] = now
         rotated = tokens.refresh_token is not None and tokens.refresh_token != old_refresh
         if rotated:
             assert tokens.refresh_token is not None  # noqa: S101 - narrowed by `rotated`
@@ -333,6 +347,9 @@ class RefreshService:
         key_id = None
         if result.access_token_ct is not None:
             key_id = result.access_token_ct.split(".", 2)[1]
+        if result.outcome is Outcome.REFRESHED:
+            # Say so when a provider kept the old refresh token: a rotation that did not rotate.
+            details["refresh_token_rotated"] = "refresh_token_not_rotated" not in result.notes
         if result.outcome is Outcome.REFRESHED and result.access_expires_at is not None:
             details["access_expires_at"] = result.access_expires_at.isoformat()
         outcome = "ok" if result.ok else ("skipped" if event == "refresh.skipped" else "failed")

@@ -6,11 +6,13 @@ under the lock and does nothing if the refresh already happened.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task, shared_task
 
 from grantkeeper.refresh import Outcome, RefreshService
+from grantkeeper.rotation import rotation_cutoff
 from grantkeeper.runtime import get_runtime
 from grantkeeper.scan import queued_marker_ttl, scan_due
 from grantkeeper.timing import backoff_seconds
@@ -40,7 +42,8 @@ def scan_due_connections() -> dict[str, int]:
 @shared_task(name="grantkeeper.refresh_connection", bind=True, **TASK_OPTIONS)
 def refresh_connection(self: Task[Any, Any], connection_id: str, reason: str = "scheduled") -> str:
     rt = get_runtime()
-    result = RefreshService(rt).refresh(connection_id, reason=reason)
+    cutoff = rotation_cutoff(rt, datetime.now(UTC)) if reason == "rotation" else None
+    result = RefreshService(rt).refresh(connection_id, reason=reason, rotation_cutoff=cutoff)
     retries = self.request.retries or 0
     if result.outcome is Outcome.FAILED_TRANSIENT and retries < rt.settings.max_transient_retries:
         delay = backoff_seconds(retries, retry_after=result.retry_after)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.schedules import crontab
 from celery.signals import setup_logging, worker_process_init
 
 from config.logging import configure_logging
@@ -47,15 +48,31 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": settings.scan_interval_seconds,
                 "options": {"expires": settings.scan_interval_seconds * 2},
             },
+            "grantkeeper-monthly-rotation": {
+                "task": "grantkeeper.monthly_rotation",
+                "schedule": crontab_from(settings.rotation_schedule),
+            },
             "grantkeeper-revocation-retries": {
                 "task": "grantkeeper.retry_provider_revocations",
                 "schedule": 60.0,
                 "options": {"expires": 120},
             },
         },
-        "imports": ["tasks.refresh", "tasks.revoke"],
+        "imports": ["tasks.refresh", "tasks.revoke", "tasks.rotation"],
         "worker_hijack_root_logger": False,
     }
+
+
+def crontab_from(expression: str) -> crontab:
+    """'minute hour day-of-month month day-of-week', as in crontab(5)."""
+    minute, hour, day_of_month, month_of_year, day_of_week = expression.split()
+    return crontab(
+        minute=minute,
+        hour=hour,
+        day_of_month=day_of_month,
+        month_of_year=month_of_year,
+        day_of_week=day_of_week,
+    )
 
 
 def create_app(settings: Settings | None = None) -> Celery:

@@ -202,7 +202,7 @@ def test_revoke_all_through_worker(
         )
     finally:
         stop(worker)
-    print(done.stderr[-600:])  # noqa: T201 - the measured rate
+    print(done.stderr[-600:])
     assert done.returncode == 0, done.stderr
     assert "through the worker" in done.stderr
     assert "20/20 revoked" in done.stderr
