@@ -80,6 +80,19 @@ class Settings(BaseSettings):
     rotation_schedule: str = "0 3 1 * *"
     rotation_rate_per_second: float = Field(default=5.0, gt=0)
 
+    # Per-provider circuit breaker: this many transient failures within the window open it.
+    breaker_threshold: int = Field(default=20, ge=1)
+    breaker_window_seconds: int = Field(default=60, ge=1)
+    breaker_cooldown_seconds: int = Field(default=30, ge=1)
+    breaker_max_cooldown_seconds: int = Field(default=600, ge=1)
+    # Transient failures back off from this base (doubling, jittered, capped at an hour).
+    retry_base_seconds: float = Field(default=15.0, gt=0)
+
+    # Optional webhook for events a person must act on (re-authorization needed, retries
+    # exhausted, anomalies): JSON body, HMAC-SHA256 signature with the secret.
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+
     # Worker. The queue name keeps several deployments (or the demo) apart on one Redis.
     celery_queue: str = "grantkeeper"
     worker_concurrency: int = Field(default=32, ge=1)

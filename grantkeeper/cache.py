@@ -100,3 +100,112 @@ class TokenCache:
         if keys:
             removed += int(self.client.delete(*keys))
         return removed
+
+
+class CrashWindow:
+    """Redis bookkeeping for the most dangerous moment: between the provider's answer (the old
+    refresh token is now consumed) and the database commit of the new one.
+
+    * ``inflight``: set before the provider call, holding the row version the call started
+      from; removed once the outcome is known. If a worker dies in the window, the marker
+      outlives it, and the next refresh's ``invalid_grant`` is reported as a rotation lost in
+      the window instead of an ordinary dead grant.
+    * ``parked``: the new token set (ciphertexts only, bound to their row) when the database
+      could not take it. While it exists the connection is not refreshed with the old token;
+      every refresh and the reconcile task try to commit it first. It has no TTL on purpose.
+    """
+
+    INFLIGHT_TTL = 7 * 24 * 3600
+
+    def __init__(self, client: redis.Redis, prefix: str):
+        self.client = client
+        self.prefix = prefix
+
+    def inflight_key(self, connection_id: str) -> str:
+        return f"{self.prefix}inflight:{connection_id}"
+
+    def parked_key(self, connection_id: str) -> str:
+        return f"{self.prefix}parked:{connection_id}"
+
+    def begin(self, connection_id: str, version: int) -> None:
+        self.client.set(self.inflight_key(connection_id), version, ex=self.INFLIGHT_TTL)
+
+    def end(self, connection_id: str) -> None:
+        self.client.delete(self.inflight_key(connection_id))
+
+    def died_in_window(self, connection_id: str, version: int) -> bool:
+        raw = self.client.get(self.inflight_key(connection_id))
+        return raw is not None and int(raw) == version
+
+    def park(self, connection_id: str, payload: str) -> None:
+        self.client.set(self.parked_key(connection_id), payload)
+
+    def parked(self, connection_id: str) -> str | None:
+        raw = self.client.get(self.parked_key(connection_id))
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    def unpark(self, connection_id: str) -> None:
+        self.client.delete(self.parked_key(connection_id))
+
+    def parked_ids(self) -> list[str]:
+        start = len(self.parked_key(""))
+        return [
+            (k.decode() if isinstance(k, bytes) else str(k))[start:]
+            for k in self.client.scan_iter(match=self.parked_key("*"), count=1000)
+        ]
+
+
+# Open the breaker when a provider's transient failures reach the threshold within the window;
+# the cooldown doubles each time it reopens within an hour, up to the maximum.
+_BREAKER_FAILURE = """
+local fails = redis.call('INCR', KEYS[1])
+if fails == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+if fails < tonumber(ARGV[2]) then return 0 end
+local level = redis.call('INCR', KEYS[3])
+redis.call('EXPIRE', KEYS[3], 3600)
+local cooldown = math.min(tonumber(ARGV[3]) * 2 ^ (level - 1), tonumber(ARGV[4]))
+redis.call('SET', KEYS[2], '1', 'EX', math.floor(cooldown))
+redis.call('DEL', KEYS[1])
+return math.floor(cooldown)
+"""
+
+
+class ProviderBreaker:
+    """A per-provider circuit breaker shared by every process: when a provider fails for many
+    connections at once (an outage), stop calling it for a cooldown, then resume by itself."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        *,
+        threshold: int,
+        window: int,
+        cooldown: int,
+        max_cooldown: int,
+    ):
+        self.client = client
+        self.prefix = prefix
+        self.threshold = threshold
+        self.window = window
+        self.cooldown = cooldown
+        self.max_cooldown = max_cooldown
+        self._failure = client.register_script(_BREAKER_FAILURE)
+
+    def _keys(self, provider_id: str) -> list[str]:
+        base = f"{self.prefix}breaker:{provider_id}"
+        return [f"{base}:fails", f"{base}:open", f"{base}:level"]
+
+    def remaining(self, provider_id: str) -> float:
+        """Seconds until the breaker closes; 0 when closed."""
+        ms = int(self.client.pttl(self._keys(provider_id)[1]))
+        return ms / 1000 if ms > 0 else 0.0
+
+    def record_failure(self, provider_id: str) -> int:
+        """Returns the cooldown in seconds if this failure opened the breaker, else 0."""
+        args = [self.window, self.threshold, self.cooldown, self.max_cooldown]
+        return int(self._failure(keys=self._keys(provider_id), args=args))
+
+    def record_success(self, provider_id: str) -> None:
+        fails, _, _ = self._keys(provider_id)
+        self.client.delete(fails)

@@ -96,6 +96,17 @@ class MalformedResponse(TransientProviderError):
     error_class = "malformed_response"
 
 
+class RotationLost(PermanentProviderError):
+    """``invalid_grant`` after an attempt that died between the provider's answer and the
+    commit: the provider rotated the refresh token and the new one never reached storage."""
+
+    error_class = "rotation_lost"
+
+
+class DatabaseUnavailable(GrantkeeperError):
+    error_class = "database_unavailable"
+
+
 class FencedWrite(GrantkeeperError):
     """The row's version moved while we held the lock: our write was refused."""
 

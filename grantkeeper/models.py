@@ -74,6 +74,8 @@ connections = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("rotation_checked_at", DateTime(timezone=True)),
+    # After a transient failure: not before this moment (backoff with jitter, Retry-After).
+    Column("next_attempt_at", DateTime(timezone=True)),
     UniqueConstraint("provider_id", "account"),
     # The scan reads only active connections ordered by expiry: a partial index keeps its cost
     # proportional to the rows due, not the table.

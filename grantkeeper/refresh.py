@@ -14,6 +14,7 @@ Ordering is the safety argument:
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,20 +24,23 @@ from enum import StrEnum
 import redis
 import structlog
 from redis.exceptions import LockError
+from sqlalchemy.exc import SQLAlchemyError
 
 from grantkeeper import repository, sealing
 from grantkeeper.errors import (
     ConnectionNotFound,
+    DatabaseUnavailable,
     DecryptionError,
     FencedWrite,
     GrantkeeperError,
     ProviderError,
+    RotationLost,
 )
 from grantkeeper.models import ACTIVE, REAUTH_REQUIRED
 from grantkeeper.oauth import ProviderEndpoint
 from grantkeeper.repository import ConnectionRecord, ProviderRecord
 from grantkeeper.runtime import Runtime
-from grantkeeper.timing import cache_ttl_seconds, is_due
+from grantkeeper.timing import backoff_seconds, cache_ttl_seconds, is_due
 from grantkeeper.token_response import TokenSet
 
 log = structlog.get_logger("grantkeeper.refresh")
@@ -51,6 +55,8 @@ class Outcome(StrEnum):
     FAILED_TRANSIENT = "failed_transient"
     FAILED_PERMANENT = "failed_permanent"
     FAILED = "failed"
+    PROVIDER_BACKOFF = "provider_backoff"  # the provider's breaker is open: not a failure
+    PARKED = "parked"  # the provider answered, the database did not: the new set is in Redis
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,12 @@ class RefreshResult:
 
     @property
     def ok(self) -> bool:
-        return self.outcome in {Outcome.REFRESHED, Outcome.REFRESHED_ELSEWHERE, Outcome.NOT_DUE}
+        return self.outcome in {
+            Outcome.REFRESHED,
+            Outcome.REFRESHED_ELSEWHERE,
+            Outcome.NOT_DUE,
+            Outcome.PARKED,
+        }
 
     @property
     def retry_after(self) -> float | None:
@@ -157,6 +168,8 @@ class RefreshService:
         if not self._wanted(record, request):
             return self._skip(Outcome.NOT_DUE, record, provider, reason, started)
 
+        if self.rt.breaker.remaining(provider.id) > 0:
+            return self._skip(Outcome.PROVIDER_BACKOFF, record, provider, reason, started)
         settings = self.rt.settings
         lock = self.rt.cache.lock(connection_id, settings.lock_ttl_seconds, wait or None)
         # A dead Redis raises here: no lock, no refresh. The caller retries later.
@@ -183,16 +196,24 @@ class RefreshService:
             return issued is not None and issued < cutoff and (checked is None or checked < cutoff)
         return is_due(self.clock(), self.margin, record.access_issued_at, record.access_expires_at)
 
+    def _nothing_to_do(self, record: ConnectionRecord, request: _Request) -> RefreshResult | None:
+        """Under the lock: has someone else refreshed, revoked, or made it not due?"""
+        if record.status != ACTIVE:
+            return self._result(Outcome.UNAVAILABLE, record)
+        if record.version != request.seen_version or not self._wanted(record, request):
+            return self._result(Outcome.REFRESHED_ELSEWHERE, record)
+        return None
+
     def _refresh_locked(
         self, connection_id: str, request: _Request, lock: redis.lock.Lock
     ) -> RefreshResult:
         record, provider = self._load(connection_id)
-        if record.version != request.seen_version and record.status == ACTIVE:
-            return self._result(Outcome.REFRESHED_ELSEWHERE, record)
-        if record.status != ACTIVE:
-            return self._result(Outcome.UNAVAILABLE, record)
-        if not self._wanted(record, request):
-            return self._result(Outcome.REFRESHED_ELSEWHERE, record)
+        if self.rt.crash_window.parked(connection_id) is not None:
+            # A new token set is waiting for the database: never refresh with the old token.
+            return self._commit_parked(connection_id)
+        early = self._nothing_to_do(record, request)
+        if early is not None:
+            return early
         try:
             refresh_token = self._open_refresh_token(record)
             endpoint = endpoint_for(self.rt, provider)
@@ -200,10 +221,15 @@ class RefreshService:
             self._record_failure(record, exc.error_class, None)
             return self._result(Outcome.FAILED, record, exc)
         lock.reacquire()  # the provider call gets the lock's full TTL
+        window = self.rt.crash_window
+        window.begin(record.id, record.version)
         try:
             tokens = self.rt.oauth.refresh(endpoint, refresh_token)
         except ProviderError as exc:
-            return self._provider_failed(record, exc)
+            if exc.http_status is not None:
+                window.end(record.id)  # a definite answer: nothing was rotated
+            return self._provider_failed(record, provider, exc)
+        self.rt.breaker.record_success(provider.id)
         return self._persist(
             record, tokens, refresh_token, rotation=request.rotation_cutoff is not None
         )
@@ -219,19 +245,83 @@ class RefreshService:
             record.refresh_token_ct,
         )
 
-    def _provider_failed(self, record: ConnectionRecord, exc: ProviderError) -> RefreshResult:
+    def _provider_failed(
+        self, record: ConnectionRecord, provider: ProviderRecord, exc: ProviderError
+    ) -> RefreshResult:
         if exc.permanent:
             # Before concluding the grant is dead: did someone rotate it under us?
             current, _ = self._load(record.id)
             if current.version != record.version:
                 return self._result(Outcome.REFRESHED_ELSEWHERE, current)
-            self._record_failure(record, exc.error_class, REAUTH_REQUIRED)
-            return self._result(Outcome.FAILED_PERMANENT, record, exc)
-        self._record_failure(record, exc.error_class, None)
+            error: ProviderError = exc
+            if exc.oauth_error == "invalid_grant" and self.rt.crash_window.died_in_window(
+                record.id, record.version
+            ):
+                error = RotationLost(
+                    "invalid_grant after an earlier attempt at this version got no answer or"
+                    " died before its commit: the rotated refresh token was lost in that window",
+                    http_status=exc.http_status,
+                    oauth_error=exc.oauth_error,
+                )
+            self.rt.crash_window.end(record.id)
+            self._record_failure(record, error.error_class, REAUTH_REQUIRED)
+            self.rt.notifier.send(
+                "connection.reauth_required",
+                connection_id=record.id,
+                provider=provider.name,
+                error_class=error.error_class,
+                oauth_error=error.oauth_error,
+            )
+            return self._result(Outcome.FAILED_PERMANENT, record, error)
+        attempts = record.failure_count + 1
+        delay = backoff_seconds(
+            record.failure_count,
+            base=self.rt.settings.retry_base_seconds,
+            cap=3600,
+            retry_after=exc.retry_after,
+        )
+        self._record_failure(
+            record, exc.error_class, None, next_attempt_at=self.clock() + timedelta(seconds=delay)
+        )
+        self._after_transient(record, provider, exc, attempts)
         return self._result(Outcome.FAILED_TRANSIENT, record, exc)
 
+    def _after_transient(
+        self, record: ConnectionRecord, provider: ProviderRecord, exc: ProviderError, attempts: int
+    ) -> None:
+        cooldown = self.rt.breaker.record_failure(provider.id)
+        if cooldown:
+            self.rt.auditor.emit(
+                "provider.breaker_opened",
+                "failed",
+                provider=provider.name,
+                cooldown_seconds=cooldown,
+                error_class=exc.error_class,
+            )
+        if attempts == self.rt.settings.max_transient_retries:
+            self.rt.auditor.emit(
+                "refresh.retries_exhausted",
+                "failed",
+                connection_id=record.id,
+                provider=provider.name,
+                attempts=attempts,
+                error_class=exc.error_class,
+            )
+            self.rt.notifier.send(
+                "refresh.retries_exhausted",
+                connection_id=record.id,
+                provider=provider.name,
+                attempts=attempts,
+                access_expires_at=record.access_expires_at,
+            )
+
     def _record_failure(
-        self, record: ConnectionRecord, error_class: str, new_status: str | None
+        self,
+        record: ConnectionRecord,
+        error_class: str,
+        new_status: str | None,
+        *,
+        next_attempt_at: datetime | None = None,
     ) -> None:
         with self.rt.engine.begin() as conn:
             repository.record_failure(
@@ -241,6 +331,7 @@ class RefreshService:
                 error_class=error_class,
                 new_status=new_status,
                 now=self.clock(),
+                next_attempt_at=next_attempt_at,
             )
         if new_status is not None:
             self.rt.cache.drop(record.id)
@@ -260,6 +351,7 @@ class RefreshService:
             "last_refresh_at": now,
             "refresh_count": record.refresh_count + 1,
             "failure_count": 0,
+            "next_attempt_at": None,
             "last_error_class": None,
             "updated_at": now,
         }
@@ -278,8 +370,12 @@ class RefreshService:
             values["refresh_token_ct"] = sealing.seal(
                 keyring, sealing.CONNECTIONS, record.id, sealing.REFRESH_TOKEN, old_refresh
             )
-        with self.rt.engine.begin() as conn:
-            written = repository.fenced_update(conn, record.id, record.version, values)
+        try:
+            with self.rt.engine.begin() as conn:
+                written = repository.fenced_update(conn, record.id, record.version, values)
+        except SQLAlchemyError:
+            return self._park(record, values)
+        self.rt.crash_window.end(record.id)
         new_version = record.version + 1
         if not written:
             return self._result(Outcome.FAILED, record, FencedWrite("row changed under the lock"))
@@ -301,6 +397,72 @@ class RefreshService:
             access_token_ct=access_ct,
             notes=tuple(notes),
         )
+
+    # -- the crash window --------------------------------------------------------------------
+
+    def _park(self, record: ConnectionRecord, values: dict[str, object]) -> RefreshResult:
+        """The provider rotated, the database is away: keep the new set (ciphertexts only) in
+        Redis. If Redis is gone too, nothing more can be done: say so loudly."""
+        payload = json.dumps(
+            {"expected_version": record.version, "values": values}, default=_json_default
+        )
+        try:
+            self.rt.crash_window.park(record.id, payload)
+        except redis.RedisError:
+            log.critical(
+                "refresh.rotation_lost", connection_id=record.id, reason="db and redis down"
+            )
+            raise
+        log.error("refresh.parked", connection_id=record.id, reason="database unavailable")
+        return self._result(
+            Outcome.PARKED, record, DatabaseUnavailable("new tokens parked in Redis")
+        )
+
+    def _commit_parked(self, connection_id: str) -> RefreshResult:
+        """Move a parked set into the database (caller holds the lock)."""
+        raw = self.rt.crash_window.parked(connection_id)
+        if raw is None:
+            record, _ = self._load(connection_id)
+            return self._result(Outcome.REFRESHED_ELSEWHERE, record)
+        parked = json.loads(raw)
+        values = _revive(parked["values"])
+        with self.rt.engine.begin() as conn:
+            written = repository.fenced_update(
+                conn, connection_id, int(parked["expected_version"]), values
+            )
+        record, _ = self._load(connection_id)
+        self.rt.crash_window.unpark(connection_id)
+        self.rt.crash_window.end(connection_id)
+        if not written:
+            # The row moved on without it (e.g. revoked meanwhile): the parked set is obsolete.
+            self.rt.auditor.emit(
+                "refresh.parked_discarded",
+                "failed",
+                connection_id=connection_id,
+                version=record.version,
+            )
+            return self._result(Outcome.FAILED, record, FencedWrite("parked set no longer applies"))
+        self.rt.auditor.emit(
+            "refresh.parked_committed", "ok", connection_id=connection_id, version=record.version
+        )
+        return self._result(Outcome.REFRESHED, record)
+
+    def reconcile_parked(self) -> int:
+        """Commit every parked set whose connection is not locked right now."""
+        committed = 0
+        for connection_id in self.rt.crash_window.parked_ids():
+            lock = self.rt.cache.lock(connection_id, self.rt.settings.lock_ttl_seconds, None)
+            if not lock.acquire(blocking=False):
+                continue
+            try:
+                if self._commit_parked(connection_id).outcome is Outcome.REFRESHED:
+                    committed += 1
+            finally:
+                try:
+                    lock.release()
+                except LockError:
+                    log.warning("reconcile.lock_lost", connection_id=connection_id)
+        return committed
 
     # -- audit -----------------------------------------------------------------------------
 
@@ -362,3 +524,26 @@ class RefreshService:
             version=result.version,
             **details,
         )
+
+
+_DATETIME_FIELDS = (
+    "access_expires_at",
+    "access_issued_at",
+    "last_refresh_at",
+    "refresh_issued_at",
+    "rotation_checked_at",
+    "updated_at",
+)
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(type(value).__name__)
+
+
+def _revive(values: dict[str, object]) -> dict[str, object]:
+    return {
+        k: datetime.fromisoformat(str(v)) if k in _DATETIME_FIELDS and v is not None else v
+        for k, v in values.items()
+    }

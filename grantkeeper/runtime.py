@@ -19,9 +19,10 @@ from sqlalchemy import Engine
 from config.logging import configure_logging
 from config.settings import Settings, get_settings
 from grantkeeper.audit import Auditor, worker_actor
-from grantkeeper.cache import TokenCache
+from grantkeeper.cache import CrashWindow, ProviderBreaker, TokenCache
 from grantkeeper.crypto import Keyring
 from grantkeeper.db import create_db_engine
+from grantkeeper.notify import Notifier
 from grantkeeper.oauth import OAuthClient, build_http_client
 
 
@@ -54,6 +55,26 @@ class Runtime:
     @cached_property
     def cache(self) -> TokenCache:
         return TokenCache(self.redis, self.settings.redis_key_prefix)
+
+    @cached_property
+    def crash_window(self) -> CrashWindow:
+        return CrashWindow(self.redis, self.settings.redis_key_prefix)
+
+    @cached_property
+    def breaker(self) -> ProviderBreaker:
+        s = self.settings
+        return ProviderBreaker(
+            self.redis,
+            s.redis_key_prefix,
+            threshold=s.breaker_threshold,
+            window=s.breaker_window_seconds,
+            cooldown=s.breaker_cooldown_seconds,
+            max_cooldown=s.breaker_max_cooldown_seconds,
+        )
+
+    @cached_property
+    def notifier(self) -> Notifier:
+        return Notifier(self.settings, self.http)
 
     @cached_property
     def http(self) -> httpx.Client:

@@ -44,6 +44,7 @@ def scan_due(
             conn,
             now + timedelta(seconds=settings.refresh_margin_seconds),
             settings.scan_batch_limit,
+            now,
         )
     ttl = queued_marker_ttl(rt)
     # Spread the burst over part of one scan interval so a provider sees no spike.

@@ -2,6 +2,10 @@
 
 ``acks_late`` + idempotent bodies: a task redelivered after a worker died re-reads the row
 under the lock and does nothing if the refresh already happened.
+
+Retries of *provider* failures are scheduled in the database (``next_attempt_at``, read by the
+scan), not with Celery countdowns. Only an unreachable database is retried here, with short
+countdowns, because then the database cannot hold the schedule.
 """
 
 from __future__ import annotations
@@ -9,15 +13,23 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
+import structlog
 from celery import Task, shared_task
+from sqlalchemy.exc import SQLAlchemyError
 
-from grantkeeper.refresh import Outcome, RefreshService
+from grantkeeper.refresh import RefreshService
 from grantkeeper.rotation import rotation_cutoff
 from grantkeeper.runtime import get_runtime
-from grantkeeper.scan import queued_marker_ttl, scan_due
+from grantkeeper.scan import scan_due
 from grantkeeper.timing import backoff_seconds
 
 TASK_OPTIONS: dict[str, Any] = {"ignore_result": True, "acks_late": True}
+# Database outages: retry every few seconds at first, then at most every 5 minutes.
+DB_RETRY_CAP_SECONDS = 300.0
+DB_MAX_RETRIES = 50
+
+log = structlog.get_logger("grantkeeper.tasks")
 
 
 @shared_task(name="grantkeeper.scan_due", **TASK_OPTIONS)
@@ -43,14 +55,41 @@ def scan_due_connections() -> dict[str, int]:
 def refresh_connection(self: Task[Any, Any], connection_id: str, reason: str = "scheduled") -> str:
     rt = get_runtime()
     cutoff = rotation_cutoff(rt, datetime.now(UTC)) if reason == "rotation" else None
-    result = RefreshService(rt).refresh(connection_id, reason=reason, rotation_cutoff=cutoff)
-    retries = self.request.retries or 0
-    if result.outcome is Outcome.FAILED_TRANSIENT and retries < rt.settings.max_transient_retries:
-        delay = backoff_seconds(retries, retry_after=result.retry_after)
-        # Keep the queued marker while the retry waits, so scans do not pile up duplicates.
-        rt.cache.client.expire(
-            rt.cache.queued_key(connection_id), int(delay) + queued_marker_ttl(rt)
+    try:
+        result = RefreshService(rt).refresh(connection_id, reason=reason, rotation_cutoff=cutoff)
+    except SQLAlchemyError as exc:
+        retries = self.request.retries or 0
+        log.warning(
+            "refresh.database_unavailable",
+            connection_id=connection_id,
+            attempt=retries + 1,
+            error_class=type(exc).__name__,
         )
-        raise self.retry(countdown=delay)
-    rt.cache.clear_queued(connection_id)
+        if retries >= DB_MAX_RETRIES:
+            raise
+        raise self.retry(
+            countdown=backoff_seconds(retries, base=2.0, cap=DB_RETRY_CAP_SECONDS),
+            max_retries=DB_MAX_RETRIES,
+        ) from None
+    except redis.RedisError as exc:
+        # No Redis, no lock, no refresh (fail closed). The scan enqueues it again once Redis
+        # is back; the queued marker went with Redis anyway.
+        log.warning(
+            "refresh.redis_unavailable", connection_id=connection_id, error_class=type(exc).__name__
+        )
+        return "redis_unavailable"
+    try:
+        rt.cache.clear_queued(connection_id)
+    except redis.RedisError:
+        log.warning("refresh.queued_marker_left", connection_id=connection_id)
     return result.outcome.value
+
+
+@shared_task(name="grantkeeper.reconcile_parked", **TASK_OPTIONS)
+def reconcile_parked() -> int:
+    """Beat: move token sets parked during a database outage into the database."""
+    rt = get_runtime()
+    committed = RefreshService(rt).reconcile_parked()
+    if committed:
+        rt.auditor.emit("reconcile.completed", "ok", committed=committed)
+    return committed

@@ -27,7 +27,7 @@ def monthly_rotation(self: Task[Any, Any], continuation: int = 0) -> dict[str, i
         ),
     )
     if batch.more:
-        self.apply_async(args=[continuation + 1], countdown=BATCH_WINDOW_SECONDS)
+        self.apply_async(args=(continuation + 1,), countdown=BATCH_WINDOW_SECONDS)
         return {"enqueued": batch.enqueued, "continuation": continuation + 1}
     from grantkeeper.keys import reencrypt_all  # noqa: PLC0415 - step 2, once step 1 is done
 

@@ -52,6 +52,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "task": "grantkeeper.monthly_rotation",
                 "schedule": crontab_from(settings.rotation_schedule),
             },
+            "grantkeeper-reconcile-parked": {
+                "task": "grantkeeper.reconcile_parked",
+                "schedule": 30.0,
+                "options": {"expires": 60},
+            },
             "grantkeeper-revocation-retries": {
                 "task": "grantkeeper.retry_provider_revocations",
                 "schedule": 60.0,
