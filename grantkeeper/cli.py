@@ -113,6 +113,143 @@ def keys_generate() -> None:
     )
 
 
+@keys_app.command("status")
+def keys_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Ciphertexts per key id and kind; which keys are configured, primary, or unknown."""
+    from grantkeeper.keys import KINDS, MALFORMED, key_status  # noqa: PLC0415
+
+    status = key_status(_runtime())
+    if as_json:
+        print(json.dumps(status.to_json(), indent=2))
+        return
+    table = Table()
+    table.add_column("key id", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    for kind in KINDS:
+        table.add_column(kind.short, justify="right")
+    table.add_column("total", justify="right")
+    for usage in status.keys:
+        state = usage.state if usage.configured else "[red]UNKNOWN[/red]"
+        table.add_row(
+            escape(usage.key_id),
+            state,
+            *(str(usage.counts.get(k.name, 0)) for k in KINDS),
+            str(usage.total),
+        )
+    out.print(table)
+    unknown = [k for k in status.unknown if k != MALFORMED]
+    if unknown:
+        err.print(
+            f"[yellow]warning[/yellow]: ciphertexts under key id(s) {escape(', '.join(unknown))},"
+            " which are not in GRANTKEEPER_ENCRYPTION_KEYS: they cannot be decrypted until that"
+            " key is configured again",
+            soft_wrap=True,
+        )
+    if MALFORMED in status.unknown:
+        err.print("[yellow]warning[/yellow]: some ciphertexts are malformed", soft_wrap=True)
+    if status.to_reencrypt:
+        err.print(
+            f"{status.to_reencrypt} ciphertext(s) are not under the primary key"
+            f" {escape(status.primary_key_id)!r}: run `grantkeeper keys rotate`",
+            soft_wrap=True,
+        )
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Rows per batch (and per transaction).")
+    ] = 500,
+    pause: Annotated[
+        float,
+        typer.Option("--pause", min=0.0, help="Seconds to wait between batches, to spare the DB."),
+    ] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="The report as JSON on stdout.")] = False,
+) -> None:
+    """Re-encrypt every ciphertext that is not under the primary key. Safe while workers run."""
+    from rich.progress import (  # noqa: PLC0415
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from grantkeeper.keys import (  # noqa: PLC0415
+        KINDS,
+        RotationIncomplete,
+        RotationProgress,
+        reencrypt_all,
+    )
+
+    rt = _runtime()
+    columns = (
+        TextColumn("[bold]re-encrypting[/bold] {task.fields[table]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err) as bar:
+        task = bar.add_task("rotate", total=None, table="", detail="")
+
+        def show(p: RotationProgress) -> None:
+            detail = f"{p.superseded} superseded, {p.failed} failed"
+            bar.update(task, total=p.total, completed=p.done, table=p.table, detail=detail)
+
+        report = reencrypt_all(rt, batch_size=batch_size, progress=show, pause=pause)
+    kinds = ", ".join(f"{report.by_kind[k.name]} {k.label}" for k in KINDS)
+    err.print(
+        f"re-encrypted {report.reencrypted} ciphertext(s) under {report.primary_key_id!r}"
+        f" ({kinds}) in {report.batches} batch(es), {report.elapsed_seconds:.2f} s,"
+        f" {report.rows_per_second:.0f} rows/s; {report.superseded} superseded by concurrent"
+        f" writes; {report.failed} failed",
+        soft_wrap=True,
+    )
+    if report.failures:
+        err.print("left unchanged (never re-saved, never dropped):")
+        for failure in report.failures:
+            err.print(f"  {escape(failure.describe())}", soft_wrap=True)
+        if report.failed > len(report.failures):
+            more = report.failed - len(report.failures)
+            err.print(f"... and {more} more (audit: key.reencrypt_failed)")
+    if report.left_by_others:
+        err.print(
+            f"[yellow]warning[/yellow]: {report.left_by_others} ciphertext(s) were written under"
+            " another key while this ran: restart every process with the new primary key and"
+            " run `grantkeeper keys rotate` again",
+            soft_wrap=True,
+        )
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+    if not report.ok:
+        raise RotationIncomplete(
+            f"{report.failed} ciphertext(s) could not be re-encrypted and were left unchanged"
+            " (listed above): configure their key again, or investigate tampering"
+        )
+
+
+@keys_app.command("retire")
+def keys_retire(key_id: str) -> None:
+    """Confirm a key is no longer needed (refused while anything uses it), then audit it."""
+    from grantkeeper.keys import retire_key  # noqa: PLC0415
+
+    result = retire_key(_runtime(), key_id)
+    if not result.configured:
+        err.print(f"key {key_id!r} is not in the keyring and nothing uses it.", soft_wrap=True)
+    else:
+        err.print(
+            f"No ciphertext uses key {key_id!r}: it is safe to remove it from"
+            " GRANTKEEPER_ENCRYPTION_KEYS. grantkeeper cannot do that for you: the keyring lives"
+            " in the environment of every worker, beat and CLI host; edit it there and restart"
+            " them. Keep a copy of the key for as long as you keep backups taken before the"
+            " rotation.",
+            soft_wrap=True,
+        )
+    if result.cache_dropped is None:
+        err.print("note: Redis did not answer; cached entries under this key expire on their own")
+
+
 # -- providers ---------------------------------------------------------------------------------
 
 
@@ -133,6 +270,10 @@ def providers_add(
     token_url: Annotated[str | None, typer.Option("--token-url")] = None,
     revocation_url: Annotated[str | None, typer.Option("--revocation-url")] = None,
     authorization_url: Annotated[str | None, typer.Option("--authorization-url")] = None,
+    scopes: Annotated[
+        str | None,
+        typer.Option("--scopes", help='Space-separated scopes to authorize, e.g. "a b".'),
+    ] = None,
     auth_method: Annotated[
         str | None, typer.Option("--auth-method", help="client_secret_basic or client_secret_post")
     ] = None,
@@ -164,11 +305,33 @@ def providers_add(
         auth_method=auth_method or (base.auth_method if base else "client_secret_basic"),
         revocation_url=revocation_url or (base.revocation_url if base else None),
         authorization_url=authorization_url or (base.authorization_url if base else None),
-        scopes=base.scopes if base else None,
+        scopes=scopes or (base.scopes if base else None),
         default_access_ttl=default_access_ttl or (base.default_access_ttl if base else None),
     )
     provider_id = add_provider(_runtime(), spec)
     print(provider_id)
+
+
+@providers_app.command("set-secret")
+def providers_set_secret(
+    name: str,
+    client_secret_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--client-secret-stdin",
+            help="Read the new client secret from stdin (never from an argument).",
+        ),
+    ] = False,
+) -> None:
+    """Replace a provider's client secret (rotated at the provider); stored encrypted."""
+    from grantkeeper.connections import set_client_secret  # noqa: PLC0415
+
+    if not client_secret_stdin:
+        raise typer.BadParameter(
+            "pass --client-secret-stdin and pipe the secret in", param_hint="--client-secret-stdin"
+        )
+    set_client_secret(_runtime(), name, sys.stdin.readline().strip())
+    err.print(f"client secret of provider {name!r} replaced", markup=False)
 
 
 @providers_app.command("list")
@@ -212,6 +375,59 @@ def connections_import(
 
     raw = sys.stdin.buffer.read()
     print(import_connection(_runtime(), provider, account, raw))
+
+
+@connections_app.command("authorize")
+def connections_authorize(
+    provider: Annotated[str, typer.Option("--provider")],
+    account: Annotated[
+        str | None, typer.Option("--account", help="Connect this account (new, or re-activate).")
+    ] = None,
+    connection: Annotated[
+        str | None, typer.Option("--connection", help="Re-authorize this connection id.")
+    ] = None,
+    port: Annotated[
+        int,
+        typer.Option(
+            "--port",
+            min=0,
+            max=65535,
+            help="Port of the redirect URI http://127.0.0.1:PORT/callback, which must be"
+            " registered at the provider. 0: any free port (only for providers that accept"
+            " any loopback port, RFC 8252 7.3).",
+        ),
+    ] = 0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=1, help="Seconds to wait for the browser.")
+    ] = 300,
+    no_browser: Annotated[
+        bool, typer.Option("--no-browser", help="Only print the URL to open.")
+    ] = False,
+) -> None:
+    """Authorize a connection in a browser (code flow with PKCE). Prints the connection id."""
+    from grantkeeper.loopback import run_loopback_authorization  # noqa: PLC0415
+
+    if (account is None) == (connection is None):
+        raise typer.BadParameter("give exactly one of --account or --connection")
+
+    def announce(url: str, redirect_uri: str) -> None:
+        # Plain prints: Rich would wrap the URL. The URL carries this request's state.
+        print(f"Waiting for the provider's redirect to {redirect_uri}", file=sys.stderr)
+        print("Open this URL in a browser and approve the access:", file=sys.stderr)
+        print(url, file=sys.stderr, flush=True)
+
+    connection_id = run_loopback_authorization(
+        _runtime(),
+        provider,
+        account=account,
+        connection_id=connection,
+        port=port,
+        timeout=timeout,
+        open_browser=not no_browser,
+        announce=announce,
+    )
+    err.print(f"authorized: connection {connection_id}")
+    print(connection_id)
 
 
 @connections_app.command("list")

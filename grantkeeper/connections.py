@@ -75,6 +75,34 @@ def add_provider(rt: Runtime, spec: ProviderSpec, clock: Callable[[], datetime] 
     return provider_id
 
 
+def set_client_secret(rt: Runtime, provider_name: str, client_secret: str) -> None:
+    """Replace a provider's client secret (rotated at the provider, e.g. after a compromise).
+
+    Encrypted under the primary key, bound to the provider's row; the next token request
+    uses it. Audited ``provider.secret_rotated`` (never the secret).
+    """
+    if not client_secret:
+        raise ConfigurationError("client secret is empty")
+    with rt.engine.begin() as conn:
+        provider = repository.get_provider_by_name(conn, provider_name)
+        if provider is None:
+            raise ConnectionNotFound(f"no provider named {provider_name!r}")
+        ciphertext = sealing.seal(
+            rt.keyring, sealing.PROVIDERS, provider.id, sealing.CLIENT_SECRET, client_secret
+        )
+        if not repository.update_provider_secret(conn, provider.id, ciphertext):
+            raise ConnectionNotFound(f"provider {provider_name!r} was removed")
+    rt.auditor.emit(
+        "provider.secret_rotated",
+        "ok",
+        provider=provider.name,
+        key_id=rt.keyring.primary_id,
+        previous_key_id=provider.client_secret_ct.split(".", 2)[1]
+        if provider.client_secret_ct.count(".") >= 2
+        else None,
+    )
+
+
 def import_connection(
     rt: Runtime,
     provider_name: str,

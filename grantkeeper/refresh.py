@@ -222,13 +222,16 @@ class RefreshService:
             return self._result(Outcome.FAILED, record, exc)
         lock.reacquire()  # the provider call gets the lock's full TTL
         window = self.rt.crash_window
+        # A marker left at this version means an earlier attempt may have rotated the token
+        # and died (or lost the answer) before its commit.
+        earlier_attempt_unfinished = window.died_in_window(record.id, record.version)
         window.begin(record.id, record.version)
         try:
             tokens = self.rt.oauth.refresh(endpoint, refresh_token)
         except ProviderError as exc:
             if exc.http_status is not None:
-                window.end(record.id)  # a definite answer: nothing was rotated
-            return self._provider_failed(record, provider, exc)
+                window.end(record.id)  # a definite answer: this attempt rotated nothing
+            return self._provider_failed(record, provider, exc, earlier_attempt_unfinished)
         self.rt.breaker.record_success(provider.id)
         return self._persist(
             record, tokens, refresh_token, rotation=request.rotation_cutoff is not None
@@ -246,7 +249,11 @@ class RefreshService:
         )
 
     def _provider_failed(
-        self, record: ConnectionRecord, provider: ProviderRecord, exc: ProviderError
+        self,
+        record: ConnectionRecord,
+        provider: ProviderRecord,
+        exc: ProviderError,
+        earlier_attempt_unfinished: bool,
     ) -> RefreshResult:
         if exc.permanent:
             # Before concluding the grant is dead: did someone rotate it under us?
@@ -254,16 +261,13 @@ class RefreshService:
             if current.version != record.version:
                 return self._result(Outcome.REFRESHED_ELSEWHERE, current)
             error: ProviderError = exc
-            if exc.oauth_error == "invalid_grant" and self.rt.crash_window.died_in_window(
-                record.id, record.version
-            ):
+            if exc.oauth_error == "invalid_grant" and earlier_attempt_unfinished:
                 error = RotationLost(
                     "invalid_grant after an earlier attempt at this version got no answer or"
                     " died before its commit: the rotated refresh token was lost in that window",
                     http_status=exc.http_status,
                     oauth_error=exc.oauth_error,
                 )
-            self.rt.crash_window.end(record.id)
             self._record_failure(record, error.error_class, REAUTH_REQUIRED)
             self.rt.notifier.send(
                 "connection.reauth_required",

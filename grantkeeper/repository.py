@@ -3,6 +3,8 @@ caller owns the transaction (services never commit, the unit-of-work scope does)
 
 All token writes are fenced: ``UPDATE ... WHERE id = :id AND version = :expected``. A stale
 lock holder's write matches no row and is refused instead of overwriting a newer token.
+Key rotation is the one exception, on purpose: it re-encrypts with a compare-and-swap on
+the ciphertext itself and leaves the version alone (see "key rotation" below).
 """
 
 from __future__ import annotations
@@ -12,7 +14,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, func, insert, select, update
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Connection,
+    Row,
+    Table,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    union_all,
+    update,
+)
 
 from grantkeeper.models import ACTIVE, audit_events, connections, pending_revocations, providers
 
@@ -62,6 +80,7 @@ class ConnectionRecord:
     created_at: datetime
     updated_at: datetime
     rotation_checked_at: datetime | None
+    next_attempt_at: datetime | None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> ConnectionRecord:
@@ -73,6 +92,7 @@ class ConnectionRecord:
             "refresh_issued_at",
             "last_refresh_at",
             "rotation_checked_at",
+            "next_attempt_at",
         ):
             values[f] = _utc(values[f])
         values["created_at"] = _utc(values["created_at"])
@@ -104,6 +124,16 @@ def list_providers(conn: Connection) -> list[ProviderRecord]:
 
 def delete_provider(conn: Connection, provider_id: str) -> None:
     conn.execute(providers.delete().where(providers.c.id == provider_id))
+
+
+def update_provider_secret(conn: Connection, provider_id: str, client_secret_ct: str) -> bool:
+    """Replace a provider's encrypted client secret (a rotation at the provider)."""
+    result = conn.execute(
+        update(providers)
+        .where(providers.c.id == provider_id)
+        .values(client_secret_ct=client_secret_ct)
+    )
+    return result.rowcount == 1
 
 
 # -- connections -------------------------------------------------------------------------------
@@ -143,15 +173,39 @@ def delete_connections_of_provider(conn: Connection, provider_id: str) -> int:
     return result.rowcount
 
 
-def due_connection_ids(conn: Connection, due_before: datetime, limit: int) -> list[str]:
-    """Active connections whose access token expires before ``due_before``, soonest first.
+def due_connection_ids(
+    conn: Connection, due_before: datetime, limit: int, now: datetime
+) -> list[str]:
+    """Active connections whose access token expires before ``due_before``, soonest first,
+    leaving out those backing off after a transient failure until ``next_attempt_at``.
 
     Served by the partial index ``ix_connections_due``: cost grows with the rows due.
     """
     rows = conn.execute(
         select(connections.c.id)
-        .where(connections.c.status == ACTIVE, connections.c.access_expires_at <= due_before)
+        .where(
+            connections.c.status == ACTIVE,
+            connections.c.access_expires_at <= due_before,
+            (connections.c.next_attempt_at.is_(None)) | (connections.c.next_attempt_at <= now),
+        )
         .order_by(connections.c.access_expires_at)
+        .limit(limit)
+    )
+    return [r.id for r in rows]
+
+
+def rotation_candidates(conn: Connection, cutoff: datetime, limit: int) -> list[str]:
+    """Active connections whose refresh token was issued before ``cutoff`` and that the
+    rotation has not already tried since then (providers that do not rotate keep old tokens)."""
+    rows = conn.execute(
+        select(connections.c.id)
+        .where(
+            connections.c.status == ACTIVE,
+            connections.c.refresh_issued_at < cutoff,
+            (connections.c.rotation_checked_at.is_(None))
+            | (connections.c.rotation_checked_at < cutoff),
+        )
+        .order_by(connections.c.refresh_issued_at)
         .limit(limit)
     )
     return [r.id for r in rows]
@@ -177,12 +231,14 @@ def record_failure(
     error_class: str,
     new_status: str | None,
     now: datetime,
+    next_attempt_at: datetime | None = None,
 ) -> bool:
     """Count a failed refresh. Tokens are never touched: a failure loses nothing."""
     values: dict[str, Any] = {
         "failure_count": connections.c.failure_count + 1,
         "last_error_class": error_class,
         "updated_at": now,
+        "next_attempt_at": next_attempt_at,
     }
     if new_status is not None:
         values["status"] = new_status
@@ -195,11 +251,169 @@ def record_failure(
     return result.rowcount == 1
 
 
+def reauthorize_connection(
+    conn: Connection,
+    connection_id: str,
+    expected_version: int,
+    *,
+    access_token_ct: str,
+    refresh_token_ct: str,
+    access_expires_at: datetime,
+    now: datetime,
+) -> bool:
+    """Store a freshly authorized token pair and make the connection active again, fenced
+    like a refresh: the version read under the connection's lock, bumped by the write."""
+    return fenced_update(
+        conn,
+        connection_id,
+        expected_version,
+        {
+            "status": ACTIVE,
+            "access_token_ct": access_token_ct,
+            "refresh_token_ct": refresh_token_ct,
+            "access_expires_at": access_expires_at,
+            "access_issued_at": now,
+            "refresh_issued_at": now,
+            "failure_count": 0,
+            "last_error_class": None,
+            "updated_at": now,
+        },
+    )
+
+
 def count_by_status(conn: Connection) -> dict[str, int]:
     rows = conn.execute(
         select(connections.c.status, func.count()).group_by(connections.c.status)
     ).all()
     return {str(status): int(count) for status, count in rows}
+
+
+# -- key rotation ------------------------------------------------------------------------------
+# Re-encryption writes are a compare-and-swap on the ciphertext itself:
+#     UPDATE t SET col = :new WHERE id = :id AND col = :old
+# and never touch ``connections.version``. A refresh in flight holds its lock and will write
+# ``WHERE version = :seen``; bumping the version under it would refuse that write and lose the
+# refresh token the provider just rotated. A swap that matches no row means someone (a refresh,
+# a revocation) wrote a newer ciphertext first: there is nothing left to re-encrypt.
+
+# Every ciphertext column. (table, column) is also what each ciphertext's associated data binds
+# (grantkeeper.sealing), so these names say how to open and re-seal it.
+CIPHERTEXT_COLUMNS: dict[tuple[str, str], Column[Any]] = {
+    ("connections", "access_token_ct"): connections.c.access_token_ct,
+    ("connections", "refresh_token_ct"): connections.c.refresh_token_ct,
+    ("providers", "client_secret_ct"): providers.c.client_secret_ct,
+    ("pending_revocations", "token_ct"): pending_revocations.c.token_ct,
+}
+# Per table: the columns that name, in a report, whose ciphertext a row holds.
+_REENCRYPT_CONTEXT: dict[str, tuple[Table, str | None, str | None]] = {
+    # table: (table, connection id column, provider name column)
+    "connections": (connections, "id", None),
+    "providers": (providers, None, "name"),
+    "pending_revocations": (pending_revocations, "connection_id", None),
+}
+
+
+@dataclass(frozen=True)
+class SealedRow:
+    """One row's ciphertexts that are not under the primary key (by column name)."""
+
+    table: str
+    id: str
+    ciphertexts: dict[str, str]
+    connection_id: str | None
+    provider: str | None
+
+
+def _key_id_sql(conn: Connection, column: ColumnElement[Any]) -> ColumnElement[Any]:
+    """The key id a ``gk1.<kid>.<data>`` ciphertext names, computed by the database."""
+    if conn.dialect.name == "postgresql":
+        return func.split_part(column, ".", 2)
+    # SQLite has no split_part: the text between the first and the second dot ('' if none).
+    rest = func.substr(column, func.instr(column, ".") + 1)
+    second_dot = func.instr(rest, ".")
+    return case((second_dot > 0, func.substr(rest, 1, second_dot - 1)), else_="")
+
+
+def count_ciphertexts_by_key(conn: Connection) -> list[tuple[str, str, str, int]]:
+    """``(table, column, key id, count)`` for every ciphertext column: one grouped query, no
+    ciphertext leaves the database."""
+    parts = [
+        select(
+            # Constants from CIPHERTEXT_COLUMNS, never input: safe to inline.
+            literal_column(f"'{table}'").label("tbl"),
+            literal_column(f"'{name}'").label("col"),
+            _key_id_sql(conn, column).label("key_id"),
+        ).where(column.is_not(None))
+        for (table, name), column in CIPHERTEXT_COLUMNS.items()
+    ]
+    sealed = union_all(*parts).subquery("sealed")
+    rows = conn.execute(
+        select(sealed.c.tbl, sealed.c.col, sealed.c.key_id, func.count())
+        .group_by(sealed.c.tbl, sealed.c.col, sealed.c.key_id)
+        .order_by(sealed.c.tbl, sealed.c.col, sealed.c.key_id)
+    )
+    return [(str(t), str(c), str(k or ""), int(n)) for t, c, k, n in rows]
+
+
+def _not_under(column: ColumnElement[Any], primary_prefix: str) -> ColumnElement[bool]:
+    return and_(column.is_not(None), func.substr(column, 1, len(primary_prefix)) != primary_prefix)
+
+
+def rows_to_reencrypt(
+    conn: Connection, table: str, primary_prefix: str, after_id: str | None, limit: int
+) -> list[SealedRow]:
+    """The next ``limit`` rows of ``table`` (by id, after ``after_id``: keyset pagination) with
+    a ciphertext that does not start with ``primary_prefix`` (``gk1.<primary>.``)."""
+    source, connection_column, provider_column = _REENCRYPT_CONTEXT[table]
+    sealed = [name for (t, name) in CIPHERTEXT_COLUMNS if t == table]
+    columns = [source.c.id, *(source.c[name] for name in sealed)]
+    for extra in (connection_column, provider_column):
+        if extra is not None and extra != "id":
+            columns.append(source.c[extra])
+    query = (
+        select(*columns)
+        .where(or_(*(_not_under(source.c[name], primary_prefix) for name in sealed)))
+        .order_by(source.c.id)
+        .limit(limit)
+    )
+    if after_id is not None:
+        query = query.where(source.c.id > after_id)
+    out = []
+    for row in conn.execute(query):
+        m = row._mapping
+        out.append(
+            SealedRow(
+                table=table,
+                id=str(m["id"]),
+                ciphertexts={
+                    name: str(m[name])
+                    for name in sealed
+                    if m[name] is not None and not str(m[name]).startswith(primary_prefix)
+                },
+                connection_id=str(m[connection_column]) if connection_column else None,
+                provider=str(m[provider_column]) if provider_column else None,
+            )
+        )
+    return out
+
+
+def swap_ciphertexts(
+    conn: Connection, table: str, column: str, swaps: Sequence[tuple[str, str, str]]
+) -> int:
+    """Compare-and-swap ``(id, old, new)`` triples in one executemany (pipelined by psycopg 3).
+    Only rows whose ``column`` still holds ``old`` change; the version is left alone. Returns
+    how many rows changed."""
+    if not swaps:
+        return 0
+    target = CIPHERTEXT_COLUMNS[(table, column)]
+    source = _REENCRYPT_CONTEXT[table][0]
+    result = conn.execute(
+        update(source)
+        .where(source.c.id == bindparam("cas_id"), target == bindparam("cas_old"))
+        .values({column: bindparam("cas_new")}),
+        [{"cas_id": i, "cas_old": old, "cas_new": new} for i, old, new in swaps],
+    )
+    return int(result.rowcount)
 
 
 # -- audit -------------------------------------------------------------------------------------

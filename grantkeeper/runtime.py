@@ -14,6 +14,8 @@ from functools import cached_property
 
 import httpx
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 from sqlalchemy import Engine
 
 from config.logging import configure_logging
@@ -44,11 +46,14 @@ class Runtime:
 
     @cached_property
     def redis(self) -> redis.Redis:
+        # Few, quick retries: with Redis down a refresh must fail closed promptly, and a read
+        # fall back to the database, rather than both stalling in client retries.
         return redis.Redis.from_url(
             self.settings.redis_url.get_secret_value(),
             socket_timeout=5,
             socket_connect_timeout=5,
             health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
             max_connections=self.settings.worker_concurrency * 2 + 10,
         )
 

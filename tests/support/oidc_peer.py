@@ -12,6 +12,8 @@ Typical use::
 
 ``obtain_tokens`` runs the whole authorization-code flow headlessly (devInteractions login
 and consent forms, PKCE S256, ``prompt=consent`` so that ``offline_access`` is granted).
+``play_browser(url, redirect_uri)`` plays only the browser's part, from any authorization URL
+to the redirect back to the client, for tests whose code under test builds that URL itself.
 """
 
 from __future__ import annotations
