@@ -15,6 +15,7 @@ import redis
 import structlog
 
 from grantkeeper import repository, sealing
+from grantkeeper.audit import decryption_event
 from grantkeeper.errors import (
     ConnectionNotFound,
     ConnectionUnavailable,
@@ -52,7 +53,7 @@ class TokenReader:
             return self._open(connection_id, cached.ciphertext)
         except DecryptionError as exc:
             self.rt.auditor.emit(
-                "token.decryption_failed",
+                decryption_event(exc),
                 "error",
                 connection_id=connection_id,
                 key_id=exc.key_id,
@@ -80,7 +81,19 @@ class TokenReader:
             raise ConnectionUnavailable(connection_id, record.status)
         now = self.clock()
         if record.access_token_ct and is_servable(now, record.access_expires_at, self.min_validity):
-            token = self._open(connection_id, record.access_token_ct)
+            try:
+                token = self._open(connection_id, record.access_token_ct)
+            except DecryptionError as exc:
+                self.rt.auditor.emit(
+                    decryption_event(exc),
+                    "error",
+                    connection_id=connection_id,
+                    key_id=exc.key_id,
+                    source="database",
+                    column="access_token_ct",
+                    reason=exc.reason,
+                )
+                raise
             assert record.access_expires_at is not None  # noqa: S101 - is_servable checked it
             ttl = cache_ttl_seconds(now, record.access_expires_at, self.min_validity)
             try:

@@ -20,8 +20,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from config.logging import secrets_held
 from grantkeeper import repository
+from grantkeeper.errors import DecryptionError
 
 log = structlog.get_logger("grantkeeper.audit")
+
+
+def decryption_event(exc: DecryptionError) -> str:
+    """A tampered or misplaced ciphertext is a security event, not a plain failure."""
+    return "token.tampered" if exc.reason == "tampered" else "token.decryption_failed"
 
 
 def worker_actor() -> str:

@@ -27,6 +27,7 @@ from redis.exceptions import LockError
 from sqlalchemy.exc import SQLAlchemyError
 
 from grantkeeper import repository, sealing
+from grantkeeper.audit import decryption_event
 from grantkeeper.errors import (
     ConnectionNotFound,
     DatabaseUnavailable,
@@ -218,7 +219,19 @@ class RefreshService:
             refresh_token = self._open_refresh_token(record)
             endpoint = endpoint_for(self.rt, provider)
         except DecryptionError as exc:
-            self._record_failure(record, exc.error_class, None)
+            # Never sent anywhere, never overwritten: the stored ciphertext stays as evidence.
+            self.rt.auditor.emit(
+                decryption_event(exc),
+                "error",
+                connection_id=record.id,
+                provider=provider.name,
+                key_id=exc.key_id,
+                reason=exc.reason,
+            )
+            retry_at = self.clock() + timedelta(
+                seconds=backoff_seconds(record.failure_count, base=60, cap=3600)
+            )
+            self._record_failure(record, exc.error_class, None, next_attempt_at=retry_at)
             return self._result(Outcome.FAILED, record, exc)
         lock.reacquire()  # the provider call gets the lock's full TTL
         window = self.rt.crash_window

@@ -20,6 +20,7 @@ from redis.exceptions import LockError
 
 from config.presets import PRESETS
 from grantkeeper import repository, sealing
+from grantkeeper.audit import decryption_event
 from grantkeeper.errors import ConnectionNotFound, DecryptionError, LockNotAcquired
 from grantkeeper.models import REVOKED
 from grantkeeper.oauth import RevocationAnswer, revoke_token
@@ -119,7 +120,7 @@ class RevokeService:
                 )
             except DecryptionError as exc:
                 self.rt.auditor.emit(
-                    "token.decryption_failed",
+                    decryption_event(exc),
                     "error",
                     connection_id=record.id,
                     key_id=exc.key_id,
