@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=32, ge=1)
     max_transient_retries: int = Field(default=8, ge=0)
 
+    # Emergency override: start a production worker or beat although `grantkeeper check`
+    # fails. Logged at CRITICAL on every start.
+    unsafe_skip_startup_checks: bool = False
+
     log_level: str = "INFO"
     log_http_bodies: bool = False
 

@@ -39,7 +39,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(providers_app, name="providers")
 app.add_typer(connections_app, name="connections")
 
-out = Console(soft_wrap=True)
+# Not a terminal (a pipe, a log): wide enough that tables keep ids and fixes on one line.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -659,6 +660,54 @@ def audit(
     out.print(table)
 
 
+@app.command("check")
+def check(
+    production: Annotated[
+        bool,
+        typer.Option(
+            "--production",
+            help="Apply production rules (also implied by GRANTKEEPER_ENV=production).",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Check this deployment against the security checklist; non-zero exit on any fail."""
+    from grantkeeper.checks import evaluate, failed, gather  # noqa: PLC0415
+
+    settings = _settings()
+    configure_logging(settings.log_level, stream=sys.stderr)
+    production = production or settings.env == "production"
+    results = evaluate(gather(settings, production=production))
+    if as_json:
+        print(json.dumps([r.__dict__ for r in results], indent=2))
+    else:
+        colour = {"pass": "green", "warn": "yellow", "fail": "red", "manual": "cyan"}
+        table = Table("check", "status", "detail", "fix")
+        for r in results:
+            table.add_row(r.check, f"[{colour[r.status]}]{r.status}[/]", r.detail, r.fix)
+        out.print(table)
+    _audit_check(settings, results, production)
+    if failed(results):
+        raise typer.Exit(1)
+
+
+def _audit_check(settings: Settings, results: list[Any], production: bool) -> None:
+    """Failing checks are audit events too; a database that is not there is one of them."""
+    from grantkeeper.audit import Auditor  # noqa: PLC0415
+    from grantkeeper.db import create_db_engine  # noqa: PLC0415
+
+    failures = [r.check for r in results if r.status == "fail"]
+    if not failures:
+        return
+    engine = create_db_engine(settings)
+    try:
+        Auditor(engine, cli_actor()).emit(
+            "check.failed", "failed", production=production, checks=failures
+        )
+    finally:
+        engine.dispose()
+
+
 @app.command("demo")
 def demo(
     connections: Annotated[int, typer.Option(help="How many demo connections.")] = 30,
@@ -674,7 +723,8 @@ def demo(
 def main() -> None:
     """Entry point: classified errors become one clear line and exit code 1."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode, Click turns `raise typer.Exit(n)` into a return value.
+        code = app(standalone_mode=False)
     except GrantkeeperError as exc:
         # One line: no wrapping at the console width, and the message is not Rich markup.
         err.print(f"[red]error[/red] ({exc.error_class}): {escape(str(exc))}", soft_wrap=True)
@@ -692,6 +742,7 @@ def main() -> None:
         else:
             err.print(f"error: {escape(exc.format_message())}", soft_wrap=True)
         sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
-__all__ = ["UTC", "Settings", "app", "main"]
+__all__ = ["app", "main"]

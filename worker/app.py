@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
+import structlog
 from celery import Celery
 from celery.schedules import crontab
-from celery.signals import setup_logging, worker_process_init
+from celery.signals import beat_init, setup_logging, worker_init, worker_process_init
 
 from config.logging import configure_logging
 from config.settings import Settings, get_settings
@@ -95,3 +97,39 @@ def _configure_logging(**_: Any) -> None:
 @worker_process_init.connect
 def _fresh_runtime_after_fork(**_: Any) -> None:
     set_runtime(None)
+
+
+def _startup_check(role: str) -> None:
+    """In production, a worker or beat refuses to start on a failing security check."""
+    settings = get_settings()
+    if settings.env != "production":
+        return
+    from grantkeeper.checks import evaluate, failed, gather  # noqa: PLC0415
+
+    results = evaluate(gather(settings, production=True))
+    if not failed(results):
+        return
+    log = structlog.get_logger("grantkeeper.startup")
+    failures = [f"{r.check}: {r.detail}" for r in results if r.status == "fail"]
+    if settings.unsafe_skip_startup_checks:
+        log.critical("startup.checks_overridden", role=role, failures=failures)
+        return
+    log.critical("startup.refused", role=role, failures=failures)
+    print(
+        f"grantkeeper {role} refuses to start in production; failing checks:\n  "
+        + "\n  ".join(failures)
+        + "\nRun `grantkeeper check --production` for fixes"
+        " (emergency override: GRANTKEEPER_UNSAFE_SKIP_STARTUP_CHECKS=true).",
+        file=sys.stderr,
+    )
+    raise SystemExit(78)  # EX_CONFIG
+
+
+@worker_init.connect
+def _check_before_worker(**_: Any) -> None:
+    _startup_check("worker")
+
+
+@beat_init.connect
+def _check_before_beat(**_: Any) -> None:
+    _startup_check("beat")
