@@ -16,6 +16,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from config.redis_tls import parse_redis_tls
+
 ENV_PREFIX = "GRANTKEEPER_"
 
 # Where the embedded SQLite database lives when no GRANTKEEPER_DATABASE_URL is given.
@@ -98,6 +100,13 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=32, ge=1)
     max_transient_retries: int = Field(default=8, ge=0)
 
+    # Suspicious-activity detection (see grantkeeper/anomaly.py).
+    anomaly_refresh_window_seconds: int = Field(default=3600, ge=60)
+    anomaly_refresh_factor: float = Field(default=3.0, gt=1)
+    anomaly_failure_window_seconds: int = Field(default=300, ge=10)
+    anomaly_failure_connections: int = Field(default=10, ge=2)
+    anomaly_new_reader: bool = False
+
     # Emergency override: start a production worker or beat although `grantkeeper check`
     # fails. Logged at CRITICAL on every start.
     unsafe_skip_startup_checks: bool = False
@@ -146,6 +155,15 @@ class Settings(BaseSettings):
     def _prefix_is_specific(cls, value: str) -> str:
         if len(value) < 2:
             raise ValueError("redis_key_prefix must be at least 2 characters (e.g. 'gk:')")
+        return value
+
+    @field_validator("redis_url", "broker_url")
+    @classmethod
+    def _redis_tls_parameters_are_known(cls, value: SecretStr | None) -> SecretStr | None:
+        # rediss:// TLS options (ssl_cert_reqs, ssl_ca_certs...): parsed once here so a typo
+        # stops start-up; see config/redis_tls.py. The message never contains the URL.
+        if value is not None:
+            parse_redis_tls(value.get_secret_value())
         return value
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -57,6 +57,9 @@ class Auditor:
         self.engine = engine
         self.actor = actor
         self.clock = clock
+        # Called with every event after it is recorded: anomaly detection and metrics work
+        # from the event stream, so their cost is O(events), never a table scan.
+        self.observers: list[Callable[[Mapping[str, Any]], None]] = []
 
     def emit(
         self,
@@ -72,13 +75,13 @@ class Auditor:
         """Log and persist one event. A database failure is logged, never raised: the audit
         line on stdout still exists, and the operation it describes already happened."""
         at = self.clock()
-        if outcome in {"failed", "error", "refused"}:
+        if outcome in {"failed", "error", "refused", "alert"}:
             # Failure texts can quote a provider's error_description; scrub any secret this
             # process holds before the text reaches the log or the table.
             details = {
                 k: secrets_held.scrub(v) if isinstance(v, str) else v for k, v in details.items()
             }
-        level = "warning" if outcome in {"failed", "error", "refused"} else "info"
+        level = "warning" if outcome in {"failed", "error", "refused", "alert"} else "info"
         getattr(log, level)(
             event,
             outcome=outcome,
@@ -107,3 +110,10 @@ class Auditor:
             log.error(  # noqa: TRY400 - the traceback may quote SQL parameters
                 "audit.persist_failed", event_name=event, error_class=type(exc).__name__
             )
+        for observe in self.observers:
+            try:
+                observe(row)
+            except Exception as exc:  # noqa: BLE001 - an observer never breaks the audited work
+                log.warning(
+                    "audit.observer_failed", event_name=event, error_class=type(exc).__name__
+                )

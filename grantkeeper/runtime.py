@@ -20,12 +20,14 @@ from sqlalchemy import Engine
 
 from config.logging import configure_logging
 from config.settings import Settings, get_settings
+from grantkeeper.anomaly import AnomalyDetector
 from grantkeeper.audit import Auditor, worker_actor
 from grantkeeper.cache import CrashWindow, ProviderBreaker, TokenCache
 from grantkeeper.crypto import Keyring
 from grantkeeper.db import create_db_engine
 from grantkeeper.notify import Notifier
 from grantkeeper.oauth import OAuthClient, build_http_client
+from grantkeeper.redisconn import connect_redis
 
 
 @dataclass
@@ -48,7 +50,9 @@ class Runtime:
     def redis(self) -> redis.Redis:
         # Few, quick retries: with Redis down a refresh must fail closed promptly, and a read
         # fall back to the database, rather than both stalling in client retries.
-        return redis.Redis.from_url(
+        # rediss:// URLs: TLS options from the URL; a certificate that does not verify raises
+        # RedisTlsError (classified, never retried), see grantkeeper/redisconn.py.
+        return connect_redis(
             self.settings.redis_url.get_secret_value(),
             socket_timeout=5,
             socket_connect_timeout=5,
@@ -98,7 +102,9 @@ class Runtime:
 
     @cached_property
     def auditor(self) -> Auditor:
-        return Auditor(self.engine, self.actor)
+        auditor = Auditor(self.engine, self.actor)
+        auditor.observers.append(AnomalyDetector(self.redis, self.settings, auditor, self.notifier))
+        return auditor
 
     def close(self) -> None:
         """Release sockets; only what was actually built."""
