@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=32, ge=1)
     max_transient_retries: int = Field(default=8, ge=0)
 
+    # Audit rows older than this are deleted by the daily retention task, and by nothing else.
+    audit_retention_days: int = Field(default=400, ge=1)
+
     # Suspicious-activity detection (see grantkeeper/anomaly.py).
     anomaly_refresh_window_seconds: int = Field(default=3600, ge=60)
     anomaly_refresh_factor: float = Field(default=3.0, gt=1)

@@ -620,44 +620,95 @@ def _worker_dispatch(reason: str) -> Callable[[str], None] | None:
 def audit(
     connection: Annotated[str | None, typer.Option("--connection")] = None,
     event: Annotated[
-        str | None, typer.Option("--event", help="Event name; * matches any text.")
+        str | None,
+        typer.Option("--event", help="Event name; * matches any text, e.g. 'refresh.*'."),
     ] = None,
     since: Annotated[
         str | None, typer.Option("--since", help="ISO 8601 time, e.g. 2026-12-01T00:00:00Z")
     ] = None,
-    limit: Annotated[int, typer.Option("--limit")] = 1000,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    limit: Annotated[
+        int, typer.Option("--limit", help="At most this many rows (before --follow).")
+    ] = 1000,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="Keep printing new events (Ctrl-C stops).")
+    ] = False,
 ) -> None:
-    """Read the audit trail, oldest first."""
+    """Read the audit trail, oldest first; --follow keeps printing new events as they happen."""
     rt = _runtime()
-    since_at = None
-    if since is not None:
-        try:
-            since_at = datetime.fromisoformat(since.replace("Z", "+00:00"))
-        except ValueError:
-            raise typer.BadParameter("--since takes an ISO 8601 time") from None
-        if since_at.tzinfo is None:
-            since_at = since_at.replace(tzinfo=UTC)
+    since_at = _parse_since(since)
     with rt.engine.connect() as conn:
         rows = repository.list_audit_events(
             conn, connection_id=connection, event=event, since=since_at, limit=limit
         )
-    if as_json:
+    if as_json or follow:
         for row in rows:
-            print(json.dumps({**row, "at": row["at"].isoformat()}, default=str))
+            _print_audit_line(row, as_json)
+    else:
+        table = Table("at", "event", "outcome", "connection", "provider", "actor", "details")
+        for row in rows:
+            table.add_row(
+                row["at"].isoformat(timespec="seconds"),
+                row["event"],
+                row["outcome"],
+                row["connection_id"] or "",
+                row["provider"] or "",
+                row["actor"],
+                json.dumps(row["details"], default=str)[:120],
+            )
+        out.print(table)
+    if follow:
+        _follow_audit(rt, rows[-1]["id"] if rows else None, connection, event, since_at, as_json)
+
+
+def _parse_since(since: str | None) -> datetime | None:
+    if since is None:
+        return None
+    try:
+        since_at = datetime.fromisoformat(since.replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter("--since takes an ISO 8601 time") from None
+    return since_at if since_at.tzinfo else since_at.replace(tzinfo=UTC)
+
+
+def _print_audit_line(row: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({**row, "at": row["at"].isoformat()}, default=str), flush=True)
         return
-    table = Table("at", "event", "outcome", "connection", "provider", "actor", "details")
-    for row in rows:
-        table.add_row(
-            row["at"].isoformat(timespec="seconds"),
-            row["event"],
-            row["outcome"],
-            row["connection_id"] or "",
-            row["provider"] or "",
-            row["actor"],
-            json.dumps(row["details"], default=str)[:120],
-        )
-    out.print(table)
+    print(  # one line per event: greppable while following
+        f"{row['at'].isoformat(timespec='seconds')} {row['event']} {row['outcome']}"
+        f" connection={row['connection_id'] or '-'} provider={row['provider'] or '-'}"
+        f" actor={row['actor']} {json.dumps(row['details'], default=str)}",
+        flush=True,
+    )
+
+
+def _follow_audit(
+    rt: Runtime,
+    after_id: int | None,
+    connection: str | None,
+    event: str | None,
+    since_at: datetime | None,
+    as_json: bool,
+) -> None:
+    """Poll by id (the table is append-only, so ids only grow) until interrupted."""
+    import time  # noqa: PLC0415
+
+    if after_id is None:
+        with rt.engine.connect() as conn:
+            after_id = repository.latest_audit_id(conn)
+    try:
+        while True:
+            with rt.engine.connect() as conn:
+                rows = repository.list_audit_events(
+                    conn, connection_id=connection, event=event, since=since_at, after_id=after_id
+                )
+            for row in rows:
+                _print_audit_line(row, as_json)
+                after_id = row["id"]
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return
 
 
 @app.command("check")

@@ -424,6 +424,16 @@ def insert_audit_events(conn: Connection, events: Sequence[Mapping[str, Any]]) -
         conn.execute(insert(audit_events), list(events))
 
 
+def latest_audit_id(conn: Connection) -> int:
+    return int(conn.execute(select(func.coalesce(func.max(audit_events.c.id), 0))).scalar_one())
+
+
+def prune_audit_events(conn: Connection, before: datetime) -> int:
+    """Retention: the only statement that deletes audit rows, run by the retention task."""
+    result = conn.execute(audit_events.delete().where(audit_events.c.at < before))
+    return int(result.rowcount)
+
+
 def list_audit_events(
     conn: Connection,
     *,

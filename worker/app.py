@@ -11,15 +11,17 @@ from celery.schedules import crontab
 from celery.signals import beat_init, setup_logging, worker_init, worker_process_init
 
 from config.logging import configure_logging
+from config.redis_tls import parse_redis_tls, without_tls_params
 from config.settings import Settings, get_settings
 from grantkeeper.runtime import set_runtime
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     broker = settings.effective_broker_url
+    redis_url = settings.redis_url.get_secret_value()
     prefix = settings.redis_key_prefix
     return {
-        "broker_url": broker,
+        "broker_url": without_tls_params(broker),
         "broker_connection_retry_on_startup": True,
         # Pickle from a broker is code execution: JSON only, in and out.
         "accept_content": ["json"],
@@ -38,8 +40,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "broker_transport_options": {"visibility_timeout": 3600},
-        "beat_scheduler": "redbeat.RedBeatScheduler",
-        "redbeat_redis_url": settings.redis_url.get_secret_value(),
+        # RedBeat, after a Redis TLS start-up check (worker/preflight.py).
+        "beat_scheduler": "worker.preflight:PreflightRedBeatScheduler",
+        "redbeat_redis_url": without_tls_params(redis_url),
         "redbeat_key_prefix": f"{prefix}redbeat:",
         "redbeat_lock_key": f"{prefix}redbeat::lock",
         "beat_max_loop_interval": min(5.0, settings.scan_interval_seconds),
@@ -54,6 +57,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "task": "grantkeeper.monthly_rotation",
                 "schedule": crontab_from(settings.rotation_schedule),
             },
+            "grantkeeper-audit-retention": {
+                "task": "grantkeeper.prune_audit",
+                "schedule": crontab(minute="17", hour="4"),
+            },
             "grantkeeper-reconcile-parked": {
                 "task": "grantkeeper.reconcile_parked",
                 "schedule": 30.0,
@@ -65,9 +72,25 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "options": {"expires": 120},
             },
         },
-        "imports": ["tasks.refresh", "tasks.revoke", "tasks.rotation"],
+        "imports": ["tasks.refresh", "tasks.revoke", "tasks.rotation", "tasks.housekeeping"],
         "worker_hijack_root_logger": False,
+        **redis_tls_config(broker, redis_url),
     }
+
+
+def redis_tls_config(broker_url: str, redis_url: str) -> dict[str, Any]:
+    """kombu's ``broker_use_ssl`` and RedBeat's ``redbeat_redis_use_ssl`` from the ``ssl_*``
+    parameters of the (TLS) URLs, which are stripped from the URLs Celery sees: one parser
+    (config/redis_tls.py) for every client, and verification on unless a URL turns it off.
+    Without this, kombu would connect to a ``rediss://`` broker without verifying it."""
+    config: dict[str, Any] = {}
+    broker_tls = parse_redis_tls(broker_url)
+    if broker_tls is not None:
+        config["broker_use_ssl"] = broker_tls.redis_kwargs()
+    redbeat_tls = parse_redis_tls(redis_url)
+    if redbeat_tls is not None:
+        config["redbeat_redis_use_ssl"] = redbeat_tls.redis_kwargs()
+    return config
 
 
 def crontab_from(expression: str) -> crontab:
@@ -123,6 +146,14 @@ def _startup_check(role: str) -> None:
         file=sys.stderr,
     )
     raise SystemExit(78)  # EX_CONFIG
+
+
+@worker_init.connect
+def _check_redis_tls_before_worker(**_: Any) -> None:
+    # First: a wrong CA stops the worker with one line instead of a broker retry loop.
+    from worker.preflight import redis_tls_preflight  # noqa: PLC0415
+
+    redis_tls_preflight("worker")
 
 
 @worker_init.connect
