@@ -37,8 +37,8 @@ class SecretRegistry:
         self._lock = threading.Lock()
 
     def add(self, value: str | None) -> None:
-        if not value or len(value) < 8:
-            return
+        if not value or len(value) < 8 or value in self._values:
+            return  # already held: the hot read path stops here, without the lock
         with self._lock:
             self._values[value] = None
             self._values.move_to_end(value)
@@ -102,7 +102,9 @@ def scrub_rendered(_logger: Any, _method: str, rendered: Any) -> Any:
 _configured = False
 
 
-def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+def configure_logging(
+    level: str = "INFO", stream: TextIO | None = None, *, http_trace: bool = False
+) -> None:
     """Idempotent; JSON lines on stdout (or ``stream``) for our events, stdlib logging routed
     the same way on stderr."""
     global _configured  # noqa: PLW0603 - logging is process-global by nature
@@ -143,7 +145,12 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None
         root = logging.getLogger()
         root.addHandler(handler)
         root.setLevel(numeric)
-        # httpx/httpcore log request lines at INFO/DEBUG; bodies never, but keep them quiet.
+        # httpx/httpcore trace requests at INFO/DEBUG: quiet unless HTTP tracing is asked for
+        # (GRANTKEEPER_LOG_HTTP_BODIES, refused in production by `grantkeeper check`).
         for noisy in ("httpx", "httpcore"):
-            logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+            logging.getLogger(noisy).setLevel(
+                logging.DEBUG if http_trace else max(numeric, logging.WARNING)
+            )
+        # Alembic announces every migration step at INFO; the CLI says what matters itself.
+        logging.getLogger("alembic").setLevel(max(numeric, logging.WARNING))
         _configured = True

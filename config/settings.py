@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     # The refresh lock: must outlive the worst-case provider call (validated below).
     lock_ttl_seconds: float = Field(default=60.0, gt=0)
     lock_wait_seconds: float = Field(default=30.0, ge=0)
+    # How the library API gets a token that is due: refresh it in this process under the lock
+    # ("inline"), or ask the worker and wait up to lock_wait_seconds ("worker": for processes
+    # whose database role may only read tokens, see `grantkeeper db roles`).
+    api_refresh: Literal["inline", "worker"] = "inline"
 
     # Monthly rotation: force-refresh refresh tokens older than this, at this pace, on this
     # crontab ("minute hour day-of-month month day-of-week").
@@ -95,13 +99,25 @@ class Settings(BaseSettings):
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
 
+    # Reads: an optional process-local cache kept fresh by Redis client tracking, and how
+    # often read tallies are written to the audit trail.
+    local_cache: bool = False
+    local_cache_max_entries: int = Field(default=100_000, ge=1)
+    read_audit_interval_seconds: float = Field(default=5.0, gt=0)
+
     # Worker. The queue name keeps several deployments (or the demo) apart on one Redis.
     celery_queue: str = "grantkeeper"
     worker_concurrency: int = Field(default=32, ge=1)
     max_transient_retries: int = Field(default=8, ge=0)
 
+    # Prometheus endpoints (grantkeeper/metrics.py). None: no endpoint, and the process keeps
+    # no metrics. Loopback by default: /metrics has no authentication.
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    beat_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
+
     # Audit rows older than this are deleted by the daily retention task, and by nothing else.
-    audit_retention_days: int = Field(default=400, ge=1)
+    audit_retention_days: int = Field(default=400, ge=30)  # the database refuses fewer
 
     # Suspicious-activity detection (see grantkeeper/anomaly.py).
     anomaly_refresh_window_seconds: int = Field(default=3600, ge=60)
@@ -114,7 +130,7 @@ class Settings(BaseSettings):
     # fails. Logged at CRITICAL on every start.
     unsafe_skip_startup_checks: bool = False
 
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_http_bodies: bool = False
 
     @classmethod
@@ -142,6 +158,11 @@ class Settings(BaseSettings):
                 f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         return data
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("rotation_schedule")
     @classmethod

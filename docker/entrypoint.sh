@@ -7,7 +7,12 @@
 # environment: `docker inspect` shows the non-secret inputs below, not the results.
 #
 #   GRANTKEEPER_DATABASE_URL     from PGHOST [PGPORT] PGDATABASE PGUSER + secret postgres_password
-#   GRANTKEEPER_REDIS_URL        from REDIS_HOST [REDIS_PORT] [REDIS_DB] + secret redis_password
+#   GRANTKEEPER_REDIS_URL        from REDIS_HOST [REDIS_PORT] [REDIS_DB] [REDIS_TLS] + secrets
+#                                redis_password and (with TLS) redis_ca. REDIS_TLS=yes (the
+#                                default) builds rediss://...?ssl_cert_reqs=required&ssl_ca_certs=
+#                                <secrets dir>/redis_ca: the server certificate must be signed by
+#                                that CA and name REDIS_HOST. REDIS_TLS=no builds redis:// (plain
+#                                TCP: only for a Redis the network itself protects)
 #   GRANTKEEPER_ENCRYPTION_KEYS  from secret encryption_keys: one KEY_ID:KEY per line (or
 #                                comma-separated), primary first; blank lines and '#' comments
 #                                are ignored
@@ -53,9 +58,27 @@ fi
 if [ -z "${GRANTKEEPER_REDIS_URL:-}" ] && [ -n "${REDIS_HOST:-}" ]; then
     redis_password=$(read_secret redis_password)
     redis_password=$(printf '%s' "$redis_password" | urlencode)
-    GRANTKEEPER_REDIS_URL="redis://:$redis_password@$REDIS_HOST:${REDIS_PORT:-6379}/${REDIS_DB:-0}"
+    redis_address="$REDIS_HOST:${REDIS_PORT:-6379}/${REDIS_DB:-0}"
+    case "${REDIS_TLS:-yes}" in
+    yes)
+        # The CA must be there now: without it every Redis connection would fail later.
+        if [ ! -r "$secrets_dir/redis_ca" ] || [ ! -s "$secrets_dir/redis_ca" ]; then
+            die "secret 'redis_ca' (the Redis CA certificate) is not readable at" \
+                "$secrets_dir/redis_ca as uid $(id -u), or is empty: REDIS_TLS=yes needs it" \
+                "(create secrets/redis_tls/ca.crt: see docker-compose.yml)"
+        fi
+        redis_ca=$(printf '%s' "$secrets_dir/redis_ca" | urlencode)
+        GRANTKEEPER_REDIS_URL="rediss://:$redis_password@$redis_address?ssl_cert_reqs=required&ssl_ca_certs=$redis_ca"
+        ;;
+    no)
+        GRANTKEEPER_REDIS_URL="redis://:$redis_password@$redis_address"
+        ;;
+    *)
+        die "REDIS_TLS must be yes or no, not '$REDIS_TLS'"
+        ;;
+    esac
     export GRANTKEEPER_REDIS_URL
-    unset redis_password
+    unset redis_password redis_address redis_ca
 fi
 
 if [ -z "${GRANTKEEPER_ENCRYPTION_KEYS:-}" ] && [ -e "$secrets_dir/encryption_keys" ]; then

@@ -42,6 +42,17 @@ def cli_actor() -> str:
     return f"cli:{user}@{socket.gethostname()}"
 
 
+def _scrubbed(value: Any) -> Any:
+    """``value`` with every string in it, however nested, scrubbed of held secrets."""
+    if isinstance(value, str):
+        return secrets_held.scrub(value)
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrubbed(v) for v in value]
+    return value
+
+
 def fingerprint(key: bytes, token: str) -> str:
     """12 hex chars of HMAC-SHA256: correlates tokens across events, reveals nothing."""
     return hmac.new(key, token.encode(), hashlib.sha256).hexdigest()[:12]
@@ -75,12 +86,11 @@ class Auditor:
         """Log and persist one event. A database failure is logged, never raised: the audit
         line on stdout still exists, and the operation it describes already happened."""
         at = self.clock()
-        if outcome in {"failed", "error", "refused", "alert"}:
+        if outcome in {"failed", "error", "refused", "alert", "partial"}:
             # Failure texts can quote a provider's error_description; scrub any secret this
-            # process holds before the text reaches the log or the table.
-            details = {
-                k: secrets_held.scrub(v) if isinstance(v, str) else v for k, v in details.items()
-            }
+            # process holds before the text reaches the log or the table, also in nested
+            # details (a revocation's per-token provider answers).
+            details = _scrubbed(details)
         level = "warning" if outcome in {"failed", "error", "refused", "alert"} else "info"
         getattr(log, level)(
             event,

@@ -29,8 +29,12 @@ return 1
 @dataclass(frozen=True)
 class CachedAccessToken:
     version: int
-    expires_at: datetime
+    expires_epoch: int  # seconds; the hot read compares numbers, not datetimes
     ciphertext: str
+
+    @property
+    def expires_at(self) -> datetime:
+        return datetime.fromtimestamp(self.expires_epoch, UTC)
 
 
 class TokenCache:
@@ -56,9 +60,7 @@ class TokenCache:
             return None
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
         version, expires, ciphertext = text.split("|", 2)
-        return CachedAccessToken(
-            int(version), datetime.fromtimestamp(int(expires), UTC), ciphertext
-        )
+        return CachedAccessToken(int(version), int(expires), ciphertext)
 
     def put(
         self, connection_id: str, version: int, expires_at: datetime, ciphertext: str, ttl: int
@@ -87,6 +89,21 @@ class TokenCache:
 
     def clear_queued(self, connection_id: str) -> None:
         self.client.delete(self.queued_key(connection_id))
+
+    def forget(self, connection_id: str) -> int:
+        """Every key grantkeeper keeps about one connection: cache, markers, the crash-window
+        bookkeeping and anomaly counters. Used when a connection is revoked."""
+        p = self.prefix
+        return int(
+            self.client.delete(
+                self.access_key(connection_id),
+                self.queued_key(connection_id),
+                f"{p}inflight:{connection_id}",
+                f"{p}parked:{connection_id}",
+                f"{p}anom:refreshes:{connection_id}",
+                f"{p}anom:readers:{connection_id}",
+            )
+        )
 
     def delete_all(self, batch: int = 1000) -> int:
         """Remove every key under the prefix (SCAN, never FLUSHDB)."""

@@ -10,21 +10,23 @@ import json
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
+import redis
+import sqlalchemy.exc
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from config.logging import configure_logging
+from config.logging import configure_logging, secrets_held
 from config.presets import PRESETS
 from config.settings import Settings, get_settings
 from grantkeeper import repository
 from grantkeeper.audit import cli_actor
 from grantkeeper.crypto import generate_key_entry
-from grantkeeper.errors import ConfigurationError, GrantkeeperError
+from grantkeeper.errors import ConfigurationError, ConnectionNotFound, GrantkeeperError
 from grantkeeper.runtime import Runtime, set_runtime
 
 app = typer.Typer(help="grantkeeper: keeps OAuth 2.0 grants alive, safely.", no_args_is_help=True)
@@ -99,6 +101,36 @@ def db_upgrade() -> None:
     upgrade(engine)
     err.print(f"schema at revision {current_revision(engine)}")
     engine.dispose()
+
+
+@db_app.command("roles")
+def db_roles(
+    migrator: Annotated[
+        str, typer.Option("--migrator", help="Owns the schema; runs `db upgrade`.")
+    ] = "grantkeeper_migrator",
+    worker: Annotated[
+        str, typer.Option("--worker", help="Worker, beat and CLI: reads and writes tokens.")
+    ] = "grantkeeper_worker",
+    app_role: Annotated[
+        str, typer.Option("--app", help="Application code on the library API: reads tokens.")
+    ] = "grantkeeper_app",
+    schema: Annotated[str, typer.Option("--schema")] = "public",
+) -> None:
+    """Print the SQL (for a superuser) that creates least-privilege database roles."""
+    from grantkeeper.roles import RoleNames, roles_sql  # noqa: PLC0415
+
+    try:
+        names = RoleNames(migrator=migrator, worker=worker, app=app_role, schema=schema)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    print(roles_sql(names), end="")
+    err.print(
+        "Run it as a superuser, connected to the grantkeeper database, before the first"
+        f" `grantkeeper db upgrade` and again after every upgrade (which runs as {migrator})."
+        " It sets no passwords: set them with psql's \\password.",
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -374,7 +406,10 @@ def connections_import(
     """Import a token pair: the provider's token response JSON on stdin. Prints the new id."""
     from grantkeeper.connections import import_connection  # noqa: PLC0415
 
-    raw = sys.stdin.buffer.read()
+    limit = 64 * 1024  # a token response is a few hundred bytes; never buffer a flood
+    raw = sys.stdin.buffer.read(limit + 1)
+    if len(raw) > limit:
+        raise GrantkeeperError(f"the token response on stdin is larger than {limit} bytes")
     print(import_connection(_runtime(), provider, account, raw))
 
 
@@ -431,6 +466,27 @@ def connections_authorize(
     print(connection_id)
 
 
+@connections_app.command("reactivate")
+def connections_reactivate(connection_id: str) -> None:
+    """Put a reauth_required connection back in service with its stored tokens, then refresh
+    it to prove the grant (after fixing a wrong client secret, for example)."""
+    from grantkeeper.connections import reactivate_connection  # noqa: PLC0415
+    from grantkeeper.refresh import RefreshService  # noqa: PLC0415
+
+    rt = _runtime()
+    version = reactivate_connection(rt, connection_id)
+    result = RefreshService(rt).refresh(
+        connection_id,
+        reason="reactivated",
+        force=True,
+        wait=rt.settings.lock_wait_seconds,
+        seen_version=version,
+    )
+    err.print(f"{connection_id}: reactivated; refresh {result.outcome.value}")
+    if result.error is not None:
+        raise result.error
+
+
 @connections_app.command("list")
 def connections_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Every connection: status, expiry, refreshes, version. Never a token."""
@@ -470,7 +526,7 @@ def connections_show(
         record = repository.get_connection(conn, connection_id)
         provider = repository.get_provider(conn, record.provider_id) if record else None
     if record is None:
-        raise GrantkeeperError(f"no connection {connection_id}")
+        raise ConnectionNotFound(f"no connection {connection_id}")
     view = _connection_view(record, provider.name if provider else None)
     if as_json:
         print(json.dumps(view, indent=2))
@@ -487,7 +543,7 @@ def token(connection_id: str) -> None:
     """Print a currently valid access token (from the cache, or refreshed under the lock)."""
     from grantkeeper.api import TokenReader  # noqa: PLC0415
 
-    print(TokenReader(_runtime()).get(connection_id))
+    print(TokenReader(_runtime()).get(connection_id, audit_now=True))
 
 
 @app.command("refresh")
@@ -545,6 +601,11 @@ def revoke(
             err.print(f"[yellow]{result.provider_note}[/yellow]")
         if result.retry_scheduled:
             err.print("the provider did not confirm; the worker retries in the background")
+        if not result.cache_cleared:
+            raise GrantkeeperError(
+                "revoked in the database, but Redis could not be cleared: its cached access token"
+                " may still be served until it expires. Run this command again once Redis is back."
+            )
         return
     _revoke_bulk(rt, provider, reason=reason, yes=yes, since=since)
 
@@ -627,7 +688,7 @@ def audit(
         str | None, typer.Option("--since", help="ISO 8601 time, e.g. 2026-12-01T00:00:00Z")
     ] = None,
     limit: Annotated[
-        int, typer.Option("--limit", help="At most this many rows (before --follow).")
+        int, typer.Option("--limit", min=1, help="At most this many rows (before --follow).")
     ] = 1000,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     follow: Annotated[
@@ -759,6 +820,27 @@ def _audit_check(settings: Settings, results: list[Any], production: bool) -> No
         engine.dispose()
 
 
+@app.command("status")
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Stable keys, for scripts.")] = False,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, help="Connections listed per section.")
+    ] = 20,
+) -> None:
+    """One screen: connections, due and failing ones, last scan, workers, beat.
+    Exit 3 when something needs a person."""
+    from grantkeeper.status import evaluate, gather, render_text, to_json  # noqa: PLC0415
+
+    facts = gather(_runtime(), list_limit=limit)
+    verdict = evaluate(facts)
+    if as_json:
+        print(json.dumps(to_json(facts, verdict), indent=2))
+    else:
+        print("\n".join(render_text(facts, verdict)))
+    if not verdict.healthy:
+        raise typer.Exit(verdict.exit_code)
+
+
 @app.command("demo")
 def demo(
     connections: Annotated[int, typer.Option(help="How many demo connections.")] = 30,
@@ -771,19 +853,53 @@ def demo(
     raise typer.Exit(run_demo(connections=connections, seconds=seconds, access_ttl=access_ttl))
 
 
+def _describe_io_error(exc: BaseException) -> str:
+    # Exception texts of drivers can quote URLs; keep the class and the errno-like part only.
+    return f"{type(exc).__name__}: {str(exc).split(' connecting to ')[0][:80]}"
+
+
+def _fail(error_class: str, message: str) -> NoReturn:
+    """One line on stderr, never a token (any secret this process held is scrubbed), exit 1."""
+    text = escape(secrets_held.scrub(message))
+    err.print(f"[red]error[/red] ({error_class}): {text}", soft_wrap=True)
+    sys.exit(1)
+
+
 def main() -> None:
     """Entry point: classified errors become one clear line and exit code 1."""
     try:
         # Without standalone mode, Click turns `raise typer.Exit(n)` into a return value.
         code = app(standalone_mode=False)
     except GrantkeeperError as exc:
-        # One line: no wrapping at the console width, and the message is not Rich markup.
-        err.print(f"[red]error[/red] ({exc.error_class}): {escape(str(exc))}", soft_wrap=True)
-        sys.exit(1)
+        _fail(exc.error_class, str(exc))
+    except redis.RedisError as exc:
+        _fail(
+            "redis_unavailable",
+            f"Redis did not answer ({_describe_io_error(exc)}); no refresh"
+            " happens without its lock. Check GRANTKEEPER_REDIS_URL and that Redis runs.",
+        )
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
+        _fail(
+            "database_unavailable",
+            f"the database did not answer ({type(exc.orig).__name__});"
+            " check GRANTKEEPER_DATABASE_URL and that the database runs",
+        )
+    except sqlalchemy.exc.ArgumentError:
+        _fail(
+            "configuration",
+            "GRANTKEEPER_DATABASE_URL is not a database URL"
+            " (postgresql://user:password@host:5432/name)",
+        )
+    except sqlalchemy.exc.NoSuchModuleError:
+        _fail(
+            "configuration",
+            "GRANTKEEPER_DATABASE_URL names an unsupported database;"
+            " use postgresql://... (or leave it unset for the embedded SQLite file)",
+        )
     except (typer.Exit, SystemExit) as exc:
         code = exc.exit_code if isinstance(exc, typer.Exit) else exc.code
         sys.exit(code if isinstance(code, int) else 0)
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
     except typer.TyperException as exc:
         # Usage errors. Typer vendors Click (typer._click), so these are not click.ClickException.

@@ -8,7 +8,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from grantkeeper import repository, sealing
-from grantkeeper.errors import ConfigurationError, ConnectionNotFound, GrantkeeperError
+from grantkeeper.errors import (
+    ConfigurationError,
+    ConnectionNotFound,
+    GrantkeeperError,
+    ProviderError,
+)
 from grantkeeper.models import ACTIVE
 from grantkeeper.oauth import AUTH_METHODS
 from grantkeeper.runtime import Runtime
@@ -122,13 +127,19 @@ def import_connection(
         raise ConnectionNotFound(f"no provider named {provider_name!r}")
     settings = rt.settings
     ttl = provider.default_access_ttl or settings.default_access_ttl_seconds
-    tokens = parse_token_response(
-        200,
-        token_response,
-        sent_at=now,
-        default_ttl=timedelta(seconds=ttl),
-        skew=timedelta(seconds=settings.clock_skew_seconds),
-    )
+    try:
+        tokens = parse_token_response(
+            200,
+            token_response,
+            sent_at=now,
+            default_ttl=timedelta(seconds=ttl),
+            skew=timedelta(seconds=settings.clock_skew_seconds),
+        )
+    except ProviderError as exc:
+        # Same parser as for refresh responses, but no HTTP happened here: say what is wrong
+        # with the input instead.
+        detail = str(exc).replace("HTTP 200 with a body", "a body").replace("HTTP 200 ", "")
+        raise ImportError_(f"not a usable token response: {detail}") from None
     if tokens.refresh_token is None:
         raise ImportError_("the token response has no refresh_token: nothing to keep alive")
     connection_id = str(uuid.uuid4())
@@ -167,3 +178,33 @@ def import_connection(
         expiry_defaulted=tokens.expiry_was_defaulted,
     )
     return connection_id
+
+
+def reactivate_connection(
+    rt: Runtime, connection_id: str, clock: Callable[[], datetime] = _now
+) -> int:
+    """Return a ``reauth_required`` connection to service with the tokens it still holds, after
+    the cause was fixed elsewhere (typically a wrong client secret: ``invalid_client`` marks
+    grants for re-authorization although the grants themselves are fine). Returns the new
+    version; the caller refreshes it next, which proves (or disproves) the grant."""
+    with rt.engine.begin() as conn:
+        record = repository.get_connection(conn, connection_id)
+        if record is None:
+            raise ConnectionNotFound(f"no connection {connection_id}")
+        provider = repository.get_provider(conn, record.provider_id)
+        if not repository.reactivate(conn, connection_id, record.version, clock()):
+            raise ImportError_(
+                f"connection {connection_id} is {record.status}"
+                + (" without a refresh token" if record.refresh_token_ct is None else "")
+                + ": only a reauth_required connection that still holds its tokens can be"
+                " reactivated; otherwise use `grantkeeper connections authorize`"
+            )
+    rt.auditor.emit(
+        "connection.reactivated",
+        "ok",
+        connection_id=connection_id,
+        provider=provider.name if provider else None,
+        version=record.version + 1,
+        previous_error_class=record.last_error_class,
+    )
+    return record.version + 1

@@ -98,12 +98,20 @@ class Keyring:
             raise KeyringError(f"primary key id {primary!r} is not in the keyring")
         return cls(keys=keys, primary_id=primary)
 
+    def __post_init__(self) -> None:
+        # One AESGCM object per key, built once: constructing it costs more than a decrypt.
+        object.__setattr__(self, "_ciphers", {kid: AESGCM(key) for kid, key in self.keys.items()})
+
+    def _cipher(self, kid: str) -> AESGCM:
+        ciphers: dict[str, AESGCM] = self.__dict__["_ciphers"]
+        return ciphers[kid]
+
     def __repr__(self) -> str:
         return f"Keyring(key_ids={sorted(self.keys)}, primary_id={self.primary_id!r})"
 
     def encrypt(self, plaintext: str, aad: bytes) -> str:
         nonce = os.urandom(NONCE_BYTES)
-        sealed = AESGCM(self.keys[self.primary_id]).encrypt(nonce, plaintext.encode(), aad)
+        sealed = self._cipher(self.primary_id).encrypt(nonce, plaintext.encode(), aad)
         return f"{FORMAT_VERSION}.{self.primary_id}.{_b64encode(nonce + sealed)}"
 
     def decrypt(self, ciphertext: str, aad: bytes) -> str:
@@ -123,7 +131,7 @@ class Keyring:
         if len(blob) < NONCE_BYTES + 16:
             raise DecryptionError("ciphertext too short", key_id=kid, reason="malformed")
         try:
-            plain = AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+            plain = self._cipher(kid).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
         except InvalidTag as exc:
             raise DecryptionError(
                 "ciphertext failed authentication (tampered, or copied from another row/field)",

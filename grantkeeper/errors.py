@@ -23,6 +23,14 @@ class KeyringError(ConfigurationError):
     error_class = "keyring"
 
 
+class RedisTlsError(ConfigurationError):
+    """Redis's TLS certificate did not verify against the configured CA (or a TLS file of the
+    URL could not be loaded). Not an outage: retrying cannot help, so it is not a
+    ``redis.RedisError`` and no fallback swallows it."""
+
+    error_class = "redis_tls"
+
+
 class DecryptionError(GrantkeeperError):
     """A ciphertext did not decrypt: tampered, copied to another row, or its key is missing."""
 
@@ -111,3 +119,24 @@ class FencedWrite(GrantkeeperError):
     """The row's version moved while we held the lock: our write was refused."""
 
     error_class = "fenced"
+
+
+class WorkerRefreshError(GrantkeeperError):
+    """``GRANTKEEPER_API_REFRESH=worker``: the refresh could not be requested from the worker
+    (broker unreachable)."""
+
+    error_class = "worker_refresh"
+
+
+class WorkerRefreshTimeout(WorkerRefreshError):
+    """The worker did not store a servable token within ``lock_wait_seconds``: no worker is
+    consuming the queue, or it is backlogged. Not a credential failure: try again."""
+
+    error_class = "worker_refresh_timeout"
+
+
+class WorkerRefreshFailed(WorkerRefreshError):
+    """The worker tried and the refresh failed (its class is recorded on the connection and in
+    the audit trail); the worker retries on its own schedule."""
+
+    error_class = "worker_refresh_failed"

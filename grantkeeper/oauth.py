@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import httpx
 
+from config.logging import REDACTED, secrets_held
 from grantkeeper.errors import MalformedResponse, ProviderError, TransientProviderError
 from grantkeeper.token_response import (
     TokenSet,
@@ -164,4 +165,7 @@ def revoke_token(
     error = classify_error_response(status, raw, None)
     if error.oauth_error == "unsupported_token_type":
         return RevocationAnswer(True, status, error.oauth_error, "provider cannot revoke this type")
-    return RevocationAnswer(False, status, error.oauth_error, str(error))
+    # The detail quotes the provider's error_description, which may quote the token it was
+    # sent; it goes on to the CLI, the audit trail and pending_revocations.last_error.
+    detail = secrets_held.scrub(str(error).replace(token, REDACTED))
+    return RevocationAnswer(False, status, error.oauth_error, detail)

@@ -172,9 +172,12 @@ class RefreshService:
         if self.rt.breaker.remaining(provider.id) > 0:
             return self._skip(Outcome.PROVIDER_BACKOFF, record, provider, reason, started)
         settings = self.rt.settings
-        lock = self.rt.cache.lock(connection_id, settings.lock_ttl_seconds, wait or None)
+        lock = self.rt.cache.lock(connection_id, settings.lock_ttl_seconds, None)
         # A dead Redis raises here: no lock, no refresh. The caller retries later.
-        if not lock.acquire(blocking=wait > 0):
+        observed = self._acquire_or_observe(lock, connection_id, seen_version, wait)
+        if observed is not None:
+            return observed
+        if not lock.owned():
             return self._skip(Outcome.CONTENDED, record, provider, reason, started)
         lock_waited = time.monotonic() - started
         try:
@@ -186,6 +189,31 @@ class RefreshService:
                 log.warning("refresh.lock_lost", connection_id=connection_id)
         self._audit(result, provider, reason, started, lock_waited)
         return result
+
+    def _acquire_or_observe(
+        self, lock: redis.lock.Lock, connection_id: str, seen_version: int, wait: float
+    ) -> RefreshResult | None:
+        """Take the lock, or, while someone else holds it, watch the cache for the version they
+        are writing. Waiters do not queue on the lock one after another: in a stampede they
+        all see the new token a few milliseconds after the refresher caches it."""
+        deadline = time.monotonic() + wait
+        pause = 0.005
+        while True:
+            if lock.acquire(blocking=False):
+                return None
+            cached = self.rt.cache.get(connection_id)
+            if cached is not None and cached.version > seen_version:
+                return RefreshResult(
+                    outcome=Outcome.REFRESHED_ELSEWHERE,
+                    connection_id=connection_id,
+                    version=cached.version,
+                    access_expires_at=cached.expires_at,
+                    access_token_ct=cached.ciphertext,
+                )
+            if time.monotonic() + pause > deadline:
+                return None
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.02)
 
     def _wanted(self, record: ConnectionRecord, request: _Request) -> bool:
         if request.force:

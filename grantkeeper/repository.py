@@ -28,11 +28,19 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    text,
     union_all,
     update,
 )
 
-from grantkeeper.models import ACTIVE, audit_events, connections, pending_revocations, providers
+from grantkeeper.models import (
+    ACTIVE,
+    REAUTH_REQUIRED,
+    audit_events,
+    connections,
+    pending_revocations,
+    providers,
+)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -179,12 +187,17 @@ def due_connection_ids(
     """Active connections whose access token expires before ``due_before``, soonest first,
     leaving out those backing off after a transient failure until ``next_attempt_at``.
 
-    Served by the partial index ``ix_connections_due``: cost grows with the rows due.
+    Served by the partial index ``ix_connections_due`` (migration 0005: it also carries ``id``
+    and ``next_attempt_at``, so PostgreSQL answers from the index alone, in expiry order, and
+    stops at ``limit``): cost grows with the rows due, not with the table. The status is
+    written into the SQL as a literal, not a bound parameter: only then can a *generic* plan
+    (a statement psycopg has prepared after five runs) prove the index predicate
+    ``status = 'active'``; with ``status = $1`` it falls back to a sequential scan.
     """
     rows = conn.execute(
         select(connections.c.id)
         .where(
-            connections.c.status == ACTIVE,
+            connections.c.status == bindparam("due_status", ACTIVE, literal_execute=True),
             connections.c.access_expires_at <= due_before,
             (connections.c.next_attempt_at.is_(None)) | (connections.c.next_attempt_at <= now),
         )
@@ -281,11 +294,155 @@ def reauthorize_connection(
     )
 
 
+def reactivate(conn: Connection, connection_id: str, expected_version: int, now: datetime) -> bool:
+    """Back from reauth_required with the stored tokens (fenced): for grants that were never
+    dead, e.g. refused because the client secret was wrong at the time."""
+    result = conn.execute(
+        update(connections)
+        .where(
+            connections.c.id == connection_id,
+            connections.c.version == expected_version,
+            connections.c.status == REAUTH_REQUIRED,
+            connections.c.refresh_token_ct.is_not(None),
+        )
+        .values(
+            status=ACTIVE,
+            version=connections.c.version + 1,
+            failure_count=0,
+            last_error_class=None,
+            next_attempt_at=None,
+            updated_at=now,
+        )
+    )
+    return result.rowcount == 1
+
+
 def count_by_status(conn: Connection) -> dict[str, int]:
     rows = conn.execute(
         select(connections.c.status, func.count()).group_by(connections.c.status)
     ).all()
     return {str(status): int(count) for status, count in rows}
+
+
+# -- monitoring (grantkeeper status, metrics) --------------------------------------------------
+
+
+def soonest_active_expiry(conn: Connection) -> datetime | None:
+    """The earliest access-token expiry of an active connection (served by the partial index
+    ``ix_connections_due``); None when no active connection has one."""
+    value = conn.execute(
+        select(func.min(connections.c.access_expires_at)).where(connections.c.status == ACTIVE)
+    ).scalar_one()
+    return _utc(value)
+
+
+@dataclass(frozen=True)
+class ConnectionHealth:
+    """What ``grantkeeper status`` shows of a connection: no ciphertext."""
+
+    id: str
+    provider: str | None
+    account: str
+    status: str
+    access_expires_at: datetime | None
+    next_attempt_at: datetime | None
+    failure_count: int
+    last_error_class: str | None
+
+
+def _health_select(*where: ColumnElement[bool]) -> Any:
+    return (
+        select(
+            connections.c.id,
+            providers.c.name.label("provider"),
+            connections.c.account,
+            connections.c.status,
+            connections.c.access_expires_at,
+            connections.c.next_attempt_at,
+            connections.c.failure_count,
+            connections.c.last_error_class,
+        )
+        .select_from(connections.outerjoin(providers, providers.c.id == connections.c.provider_id))
+        .where(*where)
+    )
+
+
+def _health(rows: Any) -> list[ConnectionHealth]:
+    return [
+        ConnectionHealth(
+            id=r.id,
+            provider=r.provider,
+            account=r.account,
+            status=r.status,
+            access_expires_at=_utc(r.access_expires_at),
+            next_attempt_at=_utc(r.next_attempt_at),
+            failure_count=int(r.failure_count),
+            last_error_class=r.last_error_class,
+        )
+        for r in rows
+    ]
+
+
+def due_connection_health(
+    conn: Connection, due_before: datetime, limit: int
+) -> list[ConnectionHealth]:
+    """Active connections whose access token expires before ``due_before``, soonest first,
+    including those backing off (unlike :func:`due_connection_ids`)."""
+    query = _health_select(
+        connections.c.status == ACTIVE, connections.c.access_expires_at <= due_before
+    )
+    return _health(conn.execute(query.order_by(connections.c.access_expires_at).limit(limit)))
+
+
+def connection_health_by_status(
+    conn: Connection, status: str, *, min_failures: int, limit: int
+) -> list[ConnectionHealth]:
+    """Connections with ``status`` and at least ``min_failures`` failures; most failures
+    first."""
+    query = _health_select(
+        connections.c.status == status, connections.c.failure_count >= min_failures
+    )
+    ordered = query.order_by(connections.c.failure_count.desc(), connections.c.id).limit(limit)
+    return _health(conn.execute(ordered))
+
+
+def attention_counts(conn: Connection, now: datetime, max_retries: int) -> dict[str, int]:
+    """Exact counts over active connections: ``failing`` (failure_count > 0),
+    ``retries_exhausted`` (failure_count >= max_retries) and ``overdue`` (token expired)."""
+
+    def flag(condition: ColumnElement[bool]) -> ColumnElement[Any]:
+        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+    row = conn.execute(
+        select(
+            flag(connections.c.failure_count > 0).label("failing"),
+            flag(
+                and_(connections.c.failure_count > 0, connections.c.failure_count >= max_retries)
+            ).label("retries_exhausted"),
+            flag(connections.c.access_expires_at <= now).label("overdue"),
+        ).where(connections.c.status == ACTIVE)
+    ).one()
+    return {
+        "failing": int(row.failing),
+        "retries_exhausted": int(row.retries_exhausted),
+        "overdue": int(row.overdue),
+    }
+
+
+def latest_audit_event(conn: Connection, event: str, since: datetime) -> dict[str, Any] | None:
+    """The newest audit row named ``event`` at or after ``since`` (bounded by ``since``, so
+    it reads the ``at`` index, never the whole trail)."""
+    row = conn.execute(
+        select(audit_events)
+        .where(audit_events.c.event == event, audit_events.c.at >= since)
+        .order_by(audit_events.c.at.desc(), audit_events.c.id.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    item = dict(row._mapping)
+    item["at"] = _utc(item["at"])
+    return item
 
 
 # -- key rotation ------------------------------------------------------------------------------
@@ -416,12 +573,89 @@ def swap_ciphertexts(
     return int(result.rowcount)
 
 
+@dataclass(frozen=True)
+class RowSwap:
+    """The compare-and-swaps of one row: column -> (old ciphertext, new ciphertext)."""
+
+    id: str
+    columns: Mapping[str, tuple[str, str]]
+
+
+def swap_row_ciphertexts(conn: Connection, table: str, swaps: Sequence[RowSwap]) -> dict[str, int]:
+    """Compare-and-swap every column of a batch of rows; returns, per column, how many
+    ciphertexts changed. Each column of each row changes only if it still holds its ``old``
+    value, and the version is left alone: the same semantics as :func:`swap_ciphertexts`.
+
+    On PostgreSQL this is one statement per batch: the batch travels as arrays (``unnest``), one
+    ``UPDATE ... FROM`` joins it on the primary key and swaps each column with
+    ``CASE WHEN col = old THEN new ELSE col END``, skipping rows where no column matches, and
+    ``RETURNING`` counts the columns that took their new value. Elsewhere (SQLite): one
+    executemany per column."""
+    if not swaps:
+        return {}
+    sealed = [name for (t, name) in CIPHERTEXT_COLUMNS if t == table]
+    if conn.dialect.name != "postgresql":
+        written: dict[str, int] = {}
+        for column in sealed:
+            items = [(s.id, *s.columns[column]) for s in swaps if column in s.columns]
+            if items:
+                written[column] = swap_ciphertexts(conn, table, column, items)
+        return written
+    quote = conn.dialect.identifier_preparer.quote
+    cols = [quote(c) for c in sealed]
+    olds, news = [f"o{i}" for i in range(len(cols))], [f"n{i}" for i in range(len(cols))]
+    arrays = ", ".join(f"CAST(:{name} AS text[])" for name in ["id", *olds, *news])
+    sets = ", ".join(
+        f"{c} = CASE WHEN t.{c} = v.{o} THEN v.{n} ELSE t.{c} END"
+        for c, o, n in zip(cols, olds, news, strict=True)
+    )
+    matches = " OR ".join(f"t.{c} = v.{o}" for c, o in zip(cols, olds, strict=True))
+    returned = ", ".join(
+        f"t.{c} = v.{n} AS w{i}" for i, (c, n) in enumerate(zip(cols, news, strict=True))
+    )
+    counts = ", ".join(f"count(*) FILTER (WHERE w{i})" for i in range(len(cols)))
+    # Identifiers are the constants of CIPHERTEXT_COLUMNS, quoted; every value is a parameter.
+    statement = (
+        f"WITH v (id, {', '.join(olds)}, {', '.join(news)}) AS (SELECT * FROM unnest({arrays})),"  # noqa: S608
+        f" w AS (UPDATE {quote(table)} AS t SET {sets} FROM v"
+        f" WHERE t.id = v.id AND ({matches}) RETURNING {returned})"
+        f" SELECT {counts} FROM w"
+    )
+    params = {"id": _text_array([s.id for s in swaps])}
+    for column, o, n in zip(sealed, olds, news, strict=True):
+        pairs = [s.columns.get(column) for s in swaps]
+        params[o] = _text_array([p[0] if p else None for p in pairs])
+        params[n] = _text_array([p[1] if p else None for p in pairs])
+    # Losing the last batches in a server crash costs nothing: their rows are still under the
+    # old key, which still decrypts them, and the next run re-encrypts them. So this
+    # transaction does not wait for its WAL flush.
+    conn.execute(text("SET LOCAL synchronous_commit = off"))
+    row = conn.execute(text(statement), params).one()
+    return {column: int(row[i]) for i, column in enumerate(sealed)}
+
+
+def _text_array(values: Sequence[str | None]) -> str:
+    """A PostgreSQL text[] literal: every element quoted (backslash and double quote escaped),
+    ``NULL`` for None. Thousands of values travel as one string parameter, which the server
+    parses in C, instead of being adapted one by one by the driver."""
+    return (
+        "{"
+        + ",".join(
+            "NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            for v in values
+        )
+        + "}"
+    )
+
+
 # -- audit -------------------------------------------------------------------------------------
 
 
 def insert_audit_events(conn: Connection, events: Sequence[Mapping[str, Any]]) -> None:
     if events:
-        conn.execute(insert(audit_events), list(events))
+        # inline(): no RETURNING id, which would need SELECT on audit_events; the app role
+        # (grantkeeper db roles) may only INSERT there.
+        conn.execute(insert(audit_events).inline(), list(events))
 
 
 def latest_audit_id(conn: Connection) -> int:
@@ -429,7 +663,13 @@ def latest_audit_id(conn: Connection) -> int:
 
 
 def prune_audit_events(conn: Connection, before: datetime) -> int:
-    """Retention: the only statement that deletes audit rows, run by the retention task."""
+    """Retention: the only statement that deletes audit rows, run by the retention task.
+
+    On PostgreSQL it goes through ``grantkeeper_prune_audit`` (migration 0004), a SECURITY
+    DEFINER function of the migration role: the worker role has no DELETE on audit_events,
+    and the function keeps at least 30 days whatever it is asked."""
+    if conn.dialect.name == "postgresql":
+        return int(conn.execute(select(func.grantkeeper_prune_audit(before))).scalar_one())
     result = conn.execute(audit_events.delete().where(audit_events.c.at < before))
     return int(result.rowcount)
 

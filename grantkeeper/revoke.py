@@ -9,6 +9,7 @@ to a ``pending_revocations`` row, and retried in the background until it confirm
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from grantkeeper.timing import backoff_seconds
 
 log = structlog.get_logger("grantkeeper.revoke")
 
+ACCESS_COLUMN = "access_token_ct"
+REFRESH_COLUMN = "refresh_token_ct"
 PENDING = "pending_revocations"
 TOKEN_COLUMN = "token_ct"  # noqa: S105 - a column name
 # After this long a parked token is dropped (audited): access tokens have expired by then, and
@@ -50,6 +53,9 @@ class RevokeResult:
     provider_outcome: str
     provider_note: str | None = None
     answers: dict[str, str] = field(default_factory=dict)
+    # False when Redis could not be cleared: a cached access token may still be served until
+    # it expires. Revoking again once Redis is back clears it.
+    cache_cleared: bool = True
 
     @property
     def retry_scheduled(self) -> bool:
@@ -104,13 +110,33 @@ class RevokeService:
             raise ConnectionNotFound(f"no connection {connection_id}")
         return record, provider
 
+    def _parked_ciphertexts(self, record: ConnectionRecord) -> dict[str, str]:
+        """A token set parked during a database outage is the newest one: revoke that."""
+        try:
+            raw = self.rt.crash_window.parked(record.id)
+        except redis.RedisError:
+            return {}
+        if raw is None:
+            return {}
+        values = json.loads(raw).get("values", {})
+        return {k: v for k, v in values.items() if k in (ACCESS_COLUMN, REFRESH_COLUMN) and v}
+
     def _open_tokens(self, record: ConnectionRecord) -> dict[str, str]:
         """The tokens to revoke at the provider, refresh token first. A ciphertext that does not
         decrypt cannot be revoked remotely; it is reported and still destroyed locally."""
         tokens: dict[str, str] = {}
+        newest = self._parked_ciphertexts(record)
         for hint, column, ciphertext in (
-            ("refresh_token", sealing.REFRESH_TOKEN, record.refresh_token_ct),
-            ("access_token", sealing.ACCESS_TOKEN, record.access_token_ct),
+            (
+                "refresh_token",
+                sealing.REFRESH_TOKEN,
+                newest.get(REFRESH_COLUMN, record.refresh_token_ct),
+            ),
+            (
+                "access_token",
+                sealing.ACCESS_TOKEN,
+                newest.get(ACCESS_COLUMN, record.access_token_ct),
+            ),
         ):
             if ciphertext is None:
                 continue
@@ -132,7 +158,11 @@ class RevokeService:
     def _revoke_locked(self, connection_id: str, reason: str, local_only: bool) -> RevokeResult:
         record, provider = self._load(connection_id)
         if record.status == REVOKED and not record.refresh_token_ct and not record.access_token_ct:
-            result = RevokeResult(connection_id, provider.name, "already_revoked")
+            # Idempotent, and the way to finish a revocation whose cache purge failed.
+            cleared = self._forget_in_redis(record.id)
+            result = RevokeResult(
+                connection_id, provider.name, "already_revoked", cache_cleared=cleared
+            )
             self._audit(result, record, reason, local_only)
             return result
         tokens = self._open_tokens(record)
@@ -152,7 +182,8 @@ class RevokeService:
                     unrevoked[hint] = token
             outcome = "failed_will_retry" if unrevoked else "revoked"
         self._destroy_locally(record, provider, unrevoked)
-        result = RevokeResult(connection_id, provider.name, outcome, note, answers)
+        cleared = self._forget_in_redis(record.id)
+        result = RevokeResult(connection_id, provider.name, outcome, note, answers, cleared)
         self._audit(result, record, reason, local_only)
         return result
 
@@ -182,12 +213,14 @@ class RevokeService:
             version = current.version if current else record.version
             repository.destroy_tokens(conn, record.id, version, status=REVOKED, now=now)
             repository.insert_pending_revocations(conn, parked)
+
+    def _forget_in_redis(self, connection_id: str) -> bool:
         try:
-            self.rt.cache.drop(record.id)
-            self.rt.cache.clear_queued(record.id)
+            self.rt.cache.forget(connection_id)
         except redis.RedisError:
-            # The cached entry is a ciphertext of a token that is now revoked, and it expires.
-            log.warning("revoke.cache_drop_failed", connection_id=record.id)
+            log.warning("revoke.cache_drop_failed", connection_id=connection_id)
+            return False
+        return True
 
     def _audit(
         self, result: RevokeResult, record: ConnectionRecord, reason: str, local_only: bool
@@ -201,6 +234,7 @@ class RevokeService:
             reason=reason,
             local_only=local_only,
             provider_outcome=result.provider_outcome,
+            cache_cleared=result.cache_cleared,
             provider_answers=result.answers,
             note=result.provider_note,
         )

@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import httpx
 import redis
@@ -25,9 +26,14 @@ from grantkeeper.audit import Auditor, worker_actor
 from grantkeeper.cache import CrashWindow, ProviderBreaker, TokenCache
 from grantkeeper.crypto import Keyring
 from grantkeeper.db import create_db_engine
+from grantkeeper.local_cache import LocalTokenCache
 from grantkeeper.notify import Notifier
 from grantkeeper.oauth import OAuthClient, build_http_client
+from grantkeeper.read_audit import ReadAuditBuffer
 from grantkeeper.redisconn import connect_redis
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 
 @dataclass
@@ -59,6 +65,7 @@ class Runtime:
             health_check_interval=30,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
             max_connections=self.settings.worker_concurrency * 2 + 10,
+            pool_wait=10.0,
         )
 
     @cached_property
@@ -82,8 +89,32 @@ class Runtime:
         )
 
     @cached_property
+    def celery(self) -> Celery:
+        """A Celery app on this runtime's broker and queue: how a process that is not the
+        worker sends it tasks (``GRANTKEEPER_API_REFRESH=worker``)."""
+        from worker.app import create_app  # noqa: PLC0415 - worker.app imports this module
+
+        return create_app(self.settings)
+
+    @cached_property
     def notifier(self) -> Notifier:
         return Notifier(self.settings, self.http)
+
+    @cached_property
+    def local_cache(self) -> LocalTokenCache | None:
+        if not self.settings.local_cache:
+            return None
+        cache = LocalTokenCache(
+            self.redis,
+            f"{self.settings.redis_key_prefix}at:",
+            max_entries=self.settings.local_cache_max_entries,
+        )
+        cache.wait_ready(2.0)
+        return cache
+
+    @cached_property
+    def read_audit(self) -> ReadAuditBuffer:
+        return ReadAuditBuffer(self.auditor, self.settings.read_audit_interval_seconds)
 
     @cached_property
     def http(self) -> httpx.Client:
@@ -104,10 +135,23 @@ class Runtime:
     def auditor(self) -> Auditor:
         auditor = Auditor(self.engine, self.actor)
         auditor.observers.append(AnomalyDetector(self.redis, self.settings, auditor, self.notifier))
+        if self.settings.worker_metrics_port or self.settings.beat_metrics_port:
+            from grantkeeper import metrics  # noqa: PLC0415 - prometheus_client only when used
+
+            # Set only in a worker or beat that serves metrics (worker/app.py signals).
+            metrics_observer = metrics.observer()
+            if metrics_observer is not None:
+                auditor.observers.append(metrics_observer)
         return auditor
 
     def close(self) -> None:
         """Release sockets; only what was actually built."""
+        if "read_audit" in self.__dict__:
+            self.read_audit.close()
+        if "local_cache" in self.__dict__ and self.local_cache is not None:
+            self.local_cache.close()
+        if "celery" in self.__dict__:
+            self.celery.close()
         if "http" in self.__dict__:
             self.http.close()
         if "redis" in self.__dict__:
@@ -127,7 +171,7 @@ def get_runtime() -> Runtime:
     with _lock:
         if _runtime is None or _runtime_pid != os.getpid():
             settings = get_settings()
-            configure_logging(settings.log_level)
+            configure_logging(settings.log_level, http_trace=settings.log_http_bodies)
             _runtime = Runtime(settings)
             _runtime.keyring  # noqa: B018 - fail at start-up, not at the first refresh
             _runtime_pid = os.getpid()

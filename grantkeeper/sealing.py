@@ -23,3 +23,12 @@ def unseal(keyring: Keyring, table: str, row_id: str, column: str, ciphertext: s
     plaintext = keyring.decrypt(ciphertext, associated_data(table, row_id, column))
     secrets_held.add(plaintext)
     return plaintext
+
+
+def reseal(keyring: Keyring, table: str, row_id: str, column: str, ciphertext: str) -> str:
+    """Open ``ciphertext`` and seal its plaintext again under the primary key, bound to the same
+    table, row and column (key rotation): one associated data, one registration."""
+    aad = associated_data(table, row_id, column)
+    plaintext = keyring.decrypt(ciphertext, aad)
+    secrets_held.add(plaintext)
+    return keyring.encrypt(plaintext, aad)

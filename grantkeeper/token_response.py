@@ -88,8 +88,8 @@ def _oauth_error(body: Any) -> tuple[str | None, str | None]:
 def _decode_json(raw: bytes) -> Any:
     try:
         return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None  # RecursionError: absurdly nested JSON is not a token response either
 
 
 def classify_error_response(

@@ -52,11 +52,25 @@ def scan_due_connections() -> dict[str, int]:
 
 
 @shared_task(name="grantkeeper.refresh_connection", bind=True, **TASK_OPTIONS)
-def refresh_connection(self: Task[Any, Any], connection_id: str, reason: str = "scheduled") -> str:
+def refresh_connection(
+    self: Task[Any, Any],
+    connection_id: str,
+    reason: str = "scheduled",
+    seen_version: int | None = None,
+) -> str:
+    """``seen_version``: sent by a reader that found no servable token at that version (the
+    library API with ``GRANTKEEPER_API_REFRESH=worker``). The refresh is then forced, as an
+    inline on-demand read does, unless the row has moved past that version meanwhile."""
     rt = get_runtime()
     cutoff = rotation_cutoff(rt, datetime.now(UTC)) if reason == "rotation" else None
     try:
-        result = RefreshService(rt).refresh(connection_id, reason=reason, rotation_cutoff=cutoff)
+        result = RefreshService(rt).refresh(
+            connection_id,
+            reason=reason,
+            rotation_cutoff=cutoff,
+            force=seen_version is not None,
+            seen_version=seen_version,
+        )
     except SQLAlchemyError as exc:
         retries = self.request.retries or 0
         log.warning(

@@ -7,8 +7,18 @@ scheduling everything twice.
 
 from __future__ import annotations
 
+import sys
+
+from pydantic import ValidationError
+
 from worker.app import create_app
 
-app = create_app()
+try:
+    app = create_app()
+except ValidationError as _exc:
+    # One line per problem, no traceback, inputs never echoed (they hold secrets).
+    _problems = "; ".join(e["msg"] for e in _exc.errors(include_url=False, include_input=False))
+    print(f"grantkeeper: invalid configuration: {_problems}", file=sys.stderr)
+    raise SystemExit(78) from None
 
 __all__ = ["app"]

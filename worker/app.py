@@ -8,7 +8,14 @@ from typing import Any
 import structlog
 from celery import Celery
 from celery.schedules import crontab
-from celery.signals import beat_init, setup_logging, worker_init, worker_process_init
+from celery.signals import (
+    beat_init,
+    setup_logging,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+)
 
 from config.logging import configure_logging
 from config.redis_tls import parse_redis_tls, without_tls_params
@@ -43,6 +50,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # RedBeat, after a Redis TLS start-up check (worker/preflight.py).
         "beat_scheduler": "worker.preflight:PreflightRedBeatScheduler",
         "redbeat_redis_url": without_tls_params(redis_url),
+        # Explicit, so RedBeat does not fall back to broker_transport_options (deprecated,
+        # and never forwarded to its client anyway); TLS comes from redbeat_redis_use_ssl.
+        "redbeat_redis_options": {},
         "redbeat_key_prefix": f"{prefix}redbeat:",
         "redbeat_lock_key": f"{prefix}redbeat::lock",
         "beat_max_loop_interval": min(5.0, settings.scan_interval_seconds),
@@ -114,7 +124,8 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 @setup_logging.connect
 def _configure_logging(**_: Any) -> None:
-    configure_logging(get_settings().log_level)
+    settings = get_settings()
+    configure_logging(settings.log_level, http_trace=settings.log_http_bodies)
 
 
 @worker_process_init.connect
@@ -122,9 +133,24 @@ def _fresh_runtime_after_fork(**_: Any) -> None:
     set_runtime(None)
 
 
+def _require_keyring(settings: Settings, role: str) -> None:
+    """Without a keyring a worker can refresh nothing: refuse to start rather than report
+    ready and fail every task."""
+    from grantkeeper.crypto import Keyring  # noqa: PLC0415
+    from grantkeeper.errors import KeyringError  # noqa: PLC0415
+
+    keys = settings.encryption_keys
+    try:
+        Keyring.parse(keys.get_secret_value() if keys else None, settings.primary_key_id)
+    except KeyringError as exc:
+        print(f"grantkeeper {role} refuses to start: {exc}", file=sys.stderr)
+        raise SystemExit(78) from None
+
+
 def _startup_check(role: str) -> None:
     """In production, a worker or beat refuses to start on a failing security check."""
     settings = get_settings()
+    _require_keyring(settings, role)
     if settings.env != "production":
         return
     from grantkeeper.checks import evaluate, failed, gather  # noqa: PLC0415
@@ -164,3 +190,50 @@ def _check_before_worker(**_: Any) -> None:
 @beat_init.connect
 def _check_before_beat(**_: Any) -> None:
     _startup_check("beat")
+
+
+# Prometheus (grantkeeper/metrics.py): only with GRANTKEEPER_WORKER_METRICS_PORT or
+# GRANTKEEPER_BEAT_METRICS_PORT; prometheus_client is imported only then.
+
+
+@worker_init.connect
+def _metrics_before_pool(**_: Any) -> None:
+    if (port := get_settings().worker_metrics_port) is not None:
+        from grantkeeper import metrics  # noqa: PLC0415
+
+        metrics.on_worker_init(port)
+
+
+@worker_ready.connect
+def _serve_worker_metrics(**_: Any) -> None:
+    settings = get_settings()
+    if settings.worker_metrics_port is not None:
+        from grantkeeper import metrics  # noqa: PLC0415
+
+        metrics.on_worker_ready(settings.metrics_host, settings.worker_metrics_port)
+
+
+@worker_process_init.connect
+def _metrics_in_pool_process(**_: Any) -> None:
+    if get_settings().worker_metrics_port is not None:
+        from grantkeeper import metrics  # noqa: PLC0415
+
+        metrics.on_pool_process_init()
+
+
+@worker_process_shutdown.connect
+def _metrics_pool_process_dead(pid: int | None = None, **_: Any) -> None:
+    if get_settings().worker_metrics_port is not None:
+        from grantkeeper import metrics  # noqa: PLC0415
+
+        metrics.on_pool_process_shutdown(pid)
+
+
+@beat_init.connect
+def _serve_beat_metrics(**_: Any) -> None:
+    settings = get_settings()
+    if settings.beat_metrics_port is not None:
+        from grantkeeper import metrics  # noqa: PLC0415
+        from grantkeeper.runtime import get_runtime  # noqa: PLC0415
+
+        metrics.on_beat_init(settings.metrics_host, settings.beat_metrics_port, get_runtime)

@@ -136,12 +136,15 @@ def test_new_reader(
     """The same reader in a restarted process is not new; another actor is."""
     connection_id, _ = import_grant(runtime, devserver, provider_name, "acct")
     TokenReader(watched).get(connection_id)
+    watched.read_audit.flush()
     restarted = Runtime(watched.settings, actor="worker:host-a:200")
     stranger = Runtime(watched.settings, actor="cli:mallory@host-z")
     try:
         TokenReader(restarted).get(connection_id)
+        restarted.read_audit.flush()
         assert _anomalies(watched) == []
         TokenReader(stranger).get(connection_id)
+        stranger.read_audit.flush()
         assert _anomalies(watched) == [("anomaly.new_reader", connection_id)]
     finally:
         restarted.close()

@@ -61,6 +61,7 @@ def test_refresh_and_read_on_sqlite(sqlite_runtime: Runtime, devserver: DevOAuth
         Outcome.REFRESHED_ELSEWHERE
     )
     token = TokenReader(rt).get(connection_id)
+    rt.read_audit.flush()
     assert devserver.is_active(token)
     with rt.engine.connect() as conn:
         record = repository.get_connection(conn, connection_id)

@@ -23,8 +23,10 @@ from pydantic import SecretStr
 from redis.connection import parse_url
 from sqlalchemy.engine import make_url
 
+from config.redis_tls import parse_redis_tls
 from config.settings import ENV_PREFIX, Settings
 from grantkeeper.crypto import Keyring, generate_key_entry
+from worker.app import celery_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
@@ -32,6 +34,8 @@ ENTRYPOINT = REPO_ROOT / "docker" / "entrypoint.sh"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 
 APP_SERVICES = ("migrate", "worker", "beat")
+# Stands in for the Redis CA certificate: the entrypoint only checks that the secret is there.
+CA_PLACEHOLDER = "-----BEGIN CERTIFICATE-----\n(placeholder)\n-----END CERTIFICATE-----\n"
 DATASTORES = ("postgres", "redis")
 # Where docker/entrypoint.sh is installed in the image (see the Dockerfile).
 ENTRYPOINT_IN_IMAGE = "grantkeeper-entrypoint"
@@ -206,6 +210,93 @@ def test_redis_never_evicts_and_persists(services: dict[str, dict[str, Any]]) ->
     assert re.search(r"--appendonly\s+yes\b", command)
 
 
+def test_redis_listens_only_on_tls(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    """Redis closes its plain-text port (`--port 0`) and serves TLS on the port the apps dial
+    (`--tls-port`), with its certificate, key and CA from compose secrets under
+    ./secrets/redis_tls/ (the key via a root-made copy in a tmpfs, for the redis user)."""
+    redis = services["redis"]
+    command = " ".join(_argv(redis["command"]))
+    assert re.search(r"--port\s+0(\s|$)", command), command
+    tls_port = re.search(r"--tls-port\s+(\d+)", command)
+    assert tls_port, command
+    for name in ("worker", "beat"):
+        assert _environment(services[name])["REDIS_PORT"] == tls_port.group(1), name
+    assert re.search(r"--tls-cert-file\s+/run/secrets/redis_tls_cert\b", command)
+    assert re.search(r"--tls-ca-cert-file\s+/run/secrets/redis_ca\b", command)
+    key_file = re.search(r"--tls-key-file\s+(\S+)", command)
+    assert key_file, command
+    assert re.search(rf"/run/secrets/redis_tls_key\s+{re.escape(key_file.group(1))}", command)
+    assert any(str(t).startswith(key_file.group(1).rsplit("/", 1)[0]) for t in redis["tmpfs"])
+    assert {"redis_ca", "redis_tls_cert", "redis_tls_key"} <= _secret_names(redis)
+    files = {name: compose["secrets"][name]["file"] for name in ("redis_ca", "redis_tls_cert")}
+    assert files == {
+        "redis_ca": "./secrets/redis_tls/ca.crt",
+        "redis_tls_cert": "./secrets/redis_tls/redis.crt",
+    }
+    assert compose["secrets"]["redis_tls_key"]["file"] == "./secrets/redis_tls/redis.key"
+    assert "ca.key" not in json.dumps(compose["secrets"])  # the CA's key is never mounted
+
+
+def test_redis_healthcheck_uses_tls(services: dict[str, dict[str, Any]]) -> None:
+    """With the plain-text port closed the healthcheck must speak TLS, and verify the server
+    against the same CA the apps trust."""
+    check = _healthcheck_command(services["redis"])
+    assert re.search(r"redis-cli\s+--tls\s+--cacert\s+/run/secrets/redis_ca\b", check), check
+    assert "REDISCLI_AUTH=" in check
+
+
+def test_app_redis_url_is_rediss_with_certificate_verification(
+    services: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """For every app service pointed at Redis, the entrypoint builds a rediss:// URL that
+    verifies the certificate (required, host name checked) against the mounted redis_ca, and
+    Celery's broker and RedBeat get the same options."""
+    (tmp_path / "postgres_password").write_text("pg")
+    (tmp_path / "redis_password").write_text("rpw")
+    (tmp_path / "redis_ca").write_text(CA_PLACEHOLDER)
+    for name in APP_SERVICES:
+        env = _environment(services[name])
+        if "REDIS_HOST" not in env:
+            continue
+        result = _run_entrypoint(tmp_path, env, sys.executable, "-c", PRINT_SETTINGS)
+        assert result.returncode == 0, result.stderr
+        url = json.loads(result.stdout)["GRANTKEEPER_REDIS_URL"]
+        assert url.startswith("rediss://"), name
+        tls = parse_redis_tls(url)
+        assert tls is not None
+        assert tls.verifies, name
+        assert tls.check_hostname, name
+        assert tls.ca_certs == str(tmp_path / "redis_ca"), name
+        config = celery_config(Settings(_env_file=None, redis_url=url))  # type: ignore[call-arg]
+        assert config["broker_use_ssl"] == config["redbeat_redis_use_ssl"] == tls.redis_kwargs()
+
+
+def test_entrypoint_refuses_tls_without_the_ca(
+    services: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """Without the redis_ca secret the entrypoint stops (naming it) instead of building a URL
+    that could not verify anything; REDIS_TLS=no is the explicit way to plain TCP, and any
+    other value is refused."""
+    (tmp_path / "redis_password").write_text("rpw")
+    env = _environment(services["beat"])
+    result = _run_entrypoint(tmp_path, env, "sh", "-c", "echo command-ran")
+    assert result.returncode == 78
+    assert "redis_ca" in result.stderr
+    assert "command-ran" not in result.stdout
+
+    plain = _run_entrypoint(
+        tmp_path, {**env, "REDIS_TLS": "no"}, sys.executable, "-c", PRINT_SETTINGS
+    )
+    assert plain.returncode == 0, plain.stderr
+    assert json.loads(plain.stdout)["GRANTKEEPER_REDIS_URL"].startswith("redis://")
+
+    wrong = _run_entrypoint(tmp_path, {**env, "REDIS_TLS": "true"}, "sh", "-c", "echo command-ran")
+    assert wrong.returncode == 78
+    assert "REDIS_TLS must be yes or no" in wrong.stderr
+
+
 def test_app_services_run_as_non_root(services: dict[str, dict[str, Any]]) -> None:
     """The app services run as the image's unprivileged uid (10001), never root."""
     dockerfile_users = re.findall(r"^USER\s+(\S+)", DOCKERFILE.read_text("utf-8"), re.MULTILINE)
@@ -232,6 +323,8 @@ def test_each_service_has_the_secrets_its_entrypoint_needs(
         assert mounted <= defined, name
         assert ("PGHOST" in env) == ("postgres_password" in mounted), name
         assert ("REDIS_HOST" in env) == ("redis_password" in mounted), name
+        redis_tls = "REDIS_HOST" in env and env.get("REDIS_TLS", "yes") == "yes"
+        assert redis_tls == ("redis_ca" in mounted), name
         assert ("encryption_keys" in mounted) == (name == "worker"), name
 
 
@@ -282,6 +375,7 @@ def test_entrypoint_builds_settings_from_secret_files(
     primary, older = generate_key_entry(), generate_key_entry()
     (tmp_path / "postgres_password").write_text(pg_password + "\n")
     (tmp_path / "redis_password").write_text(redis_password + "\n")
+    (tmp_path / "redis_ca").write_text(CA_PLACEHOLDER)
     (tmp_path / "encryption_keys").write_text(f"# newest first\n{primary}\n\n{older}\n")
 
     result = _run_entrypoint(
@@ -306,6 +400,13 @@ def test_entrypoint_builds_settings_from_secret_files(
     assert db_url.password == pg_password
     redis_kwargs = parse_url(settings.redis_url.get_secret_value())
     assert (redis_kwargs["host"], redis_kwargs["password"]) == ("redis", redis_password)
+    tls = parse_redis_tls(settings.redis_url.get_secret_value())
+    assert tls is not None
+    assert (tls.cert_reqs, tls.check_hostname, tls.ca_certs) == (
+        "required",
+        True,
+        str(tmp_path / "redis_ca"),
+    )
     assert settings.effective_broker_url == settings.redis_url.get_secret_value()
     assert isinstance(settings.encryption_keys, SecretStr)
     keyring = Keyring.parse(settings.encryption_keys.get_secret_value())
