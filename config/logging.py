@@ -29,34 +29,88 @@ SAFE_KEY_PATTERN = re.compile(r"(_fp|_class|_count|_at|_id|_hint|_type|_url)$")
 
 
 class SecretRegistry:
-    """The secrets this process has held, most recent first, bounded in size."""
+    """The secrets this process has held, most recent first, bounded in size.
+
+    ``scrub`` runs on every rendered log line, and a worker holds up to ``capacity`` secrets:
+    it must not cost one substring search per secret. Every form a secret can take in a line
+    (as is, and JSON-escaped) is indexed by its first ``PROBE`` characters (the shortest secret
+    registered), so a line is scanned once, looking up each of its ``PROBE``-character windows;
+    only the forms found that way are searched for and replaced.
+    """
+
+    PROBE = 8  # no shorter value is registered: it would shred ordinary text
 
     def __init__(self, capacity: int = 20000):
         self._values: OrderedDict[str, None] = OrderedDict()
+        # probe -> the form starting with it (a list when several do)
+        self._index: dict[str, str | list[str]] = {}
         self._capacity = capacity
         self._lock = threading.Lock()
 
+    @staticmethod
+    def _forms(secret: str) -> tuple[str, ...]:
+        """The secret, and how JSON rendering writes it if that differs."""
+        if secret.isascii() and secret.isprintable() and '"' not in secret and "\\" not in secret:
+            return (secret,)
+        escaped = json.dumps(secret)[1:-1]
+        return (secret,) if escaped == secret else (secret, escaped)
+
     def add(self, value: str | None) -> None:
-        if not value or len(value) < 8 or value in self._values:
-            return  # already held: the hot read path stops here, without the lock
+        if not value or len(value) < self.PROBE:
+            return
         with self._lock:
+            if value in self._values:
+                self._values.move_to_end(value)
+                return
             self._values[value] = None
-            self._values.move_to_end(value)
+            for form in self._forms(value):
+                self._index_form(form)
             while len(self._values) > self._capacity:
-                self._values.popitem(last=False)
+                evicted, _ = self._values.popitem(last=False)
+                for form in self._forms(evicted):
+                    self._unindex_form(form)
+
+    def _index_form(self, form: str) -> None:
+        probe = form[: self.PROBE]
+        held = self._index.get(probe)
+        if held is None:
+            self._index[probe] = form
+        elif isinstance(held, str):
+            self._index[probe] = [held, form]
+        else:
+            held.append(form)
+
+    def _unindex_form(self, form: str) -> None:
+        probe = form[: self.PROBE]
+        held = self._index.get(probe)
+        if held == form:
+            del self._index[probe]
+        elif isinstance(held, list):
+            held.remove(form)
+            if len(held) == 1:
+                self._index[probe] = held[0]
 
     def __contains__(self, value: object) -> bool:
         return isinstance(value, str) and value in self._values
 
     def scrub(self, text: str) -> str:
         """Replace any held secret that appears inside ``text``."""
+        probe = self.PROBE
+        found: set[str] = set()
         with self._lock:
-            candidates = list(self._values)
-        for secret in candidates:
-            # Rendered JSON escapes quotes, backslashes and non-ASCII: match that form too.
-            for form in {secret, json.dumps(secret)[1:-1]}:
-                if form in text:
-                    text = text.replace(form, REDACTED)
+            lookup = self._index.get
+            for start in range(len(text) - probe + 1):
+                held = lookup(text[start : start + probe])
+                if held is None:
+                    continue
+                if isinstance(held, str):
+                    found.add(held)
+                else:
+                    found.update(held)
+        # Longest first: a secret that contains another is replaced whole.
+        for form in sorted(found, key=len, reverse=True):
+            if form in text:
+                text = text.replace(form, REDACTED)
         return text
 
 

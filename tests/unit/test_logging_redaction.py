@@ -208,3 +208,51 @@ def test_registry_is_bounded() -> None:
     assert "secret-value-0" not in small
     assert "secret-value-1" not in small
     assert all(f"secret-value-{i}" in small for i in (2, 3, 4))
+
+
+def test_evicted_secret_is_no_longer_scrubbed_but_held_ones_are() -> None:
+    """Eviction removes a secret from the scan index too; the ones still held stay found."""
+    small = SecretRegistry(capacity=2)
+    for i in range(3):
+        small.add(f"secret-value-{i}")
+    line = small.scrub("a secret-value-0 b secret-value-1 c secret-value-2")
+    assert line == f"a secret-value-0 b {REDACTED} c {REDACTED}"
+
+
+def test_secrets_sharing_a_prefix_are_all_found() -> None:
+    """Several secrets that start alike share one probe bucket; each is still replaced."""
+    reg = SecretRegistry()
+    reg.add("ya29.AAAAAAAA-first")
+    reg.add("ya29.AAAAAAAA-second")
+    line = reg.scrub("x ya29.AAAAAAAA-second y ya29.AAAAAAAA-first z")
+    assert line == f"x {REDACTED} y {REDACTED} z"
+
+
+def test_secret_containing_another_is_replaced_whole() -> None:
+    """When one secret contains another, the longer one goes first, so nothing is left over."""
+    reg = SecretRegistry()
+    reg.add("inner-secret")
+    reg.add("outer-inner-secret-tail")
+    assert reg.scrub("[outer-inner-secret-tail]") == f"[{REDACTED}]"
+    assert reg.scrub("[inner-secret]") == f"[{REDACTED}]"
+
+
+def test_re_adding_refreshes_recency() -> None:
+    """A secret seen again counts as recent: it outlives newer ones at eviction."""
+    small = SecretRegistry(capacity=2)
+    small.add("secret-value-a")
+    small.add("secret-value-b")
+    small.add("secret-value-a")
+    small.add("secret-value-c")
+    assert "secret-value-a" in small
+    assert "secret-value-b" not in small
+
+
+def test_scrub_with_many_secrets_finds_the_one_in_the_line() -> None:
+    """A full registry (20,000 secrets) still finds the one secret that appears in a line."""
+    reg = SecretRegistry()
+    for i in range(20000):
+        reg.add(f"tok-{i:08d}-padding")
+    line = json.dumps({"event": "x", "detail": "got tok-00012345-padding back"})
+    assert "tok-00012345-padding" not in reg.scrub(line)
+    assert reg.scrub('{"event": "clean"}') == '{"event": "clean"}'
