@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,6 @@ from bench.common import (
     delete_prefix,
     key_entry,
     load_connections,
-    log,
     machine,
     machine_line,
     migrate,
@@ -61,14 +61,14 @@ CLIENT_ID, CLIENT_SECRET = "bench", "bench-client-secret-value"
 
 
 def _devserver(latency: float) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    process = subprocess.Popen(  # noqa: S603 - our own interpreter
+    process = subprocess.Popen(
         [
             sys.executable, "-m", "grantkeeper.devserver", "--port", "0",
             "--client", f"{CLIENT_ID}:{CLIENT_SECRET}:basic", "--latency", str(latency),
         ],
         stdout=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
-    assert process.stdout is not None  # noqa: S101
+    assert process.stdout is not None
     return process, json.loads(process.stdout.readline())
 
 
@@ -99,7 +99,7 @@ def _cpu_seconds(pgids: list[int]) -> float:
 
 def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as out:
-        return subprocess.Popen(  # noqa: S603 - our own interpreter running celery
+        return subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker", *args],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
@@ -143,7 +143,7 @@ def _grantkeeper_run(
         due=len(tokens), tokens=tokens,
     )  # fmt: skip
     env = settings_env(settings)
-    logs = Path(os.environ.get("TMPDIR", "/tmp"))
+    logs = Path(tempfile.gettempdir())
     workers = [
         _spawn(["worker", "--loglevel", "WARNING", "--without-mingle", "--without-gossip",
                 "-n", f"bench{n}@%h"], env, logs / f"gk-bench-worker{n}.log")
@@ -184,12 +184,18 @@ def _grantkeeper_run(
     }
 
 
-def _floor_run(url: str, keys: str, server: dict[str, Any], tokens: list[tuple[str, str]], args: Any) -> dict[str, Any]:
+def _floor_run(
+    url: str, keys: str, server: dict[str, Any], tokens: list[tuple[str, str]], args: Any
+) -> dict[str, Any]:
     """One process, same thread count: HTTP refresh, fenced UPDATE, cache SET. Nothing else."""
     prefix = new_prefix("floor")
-    settings = bench_settings(url, keys, prefix, database_pool_size=args.threads, http_max_connections=args.threads * 2)
+    settings = bench_settings(
+        url, keys, prefix, database_pool_size=args.threads, http_max_connections=args.threads * 2
+    )
     rt = Runtime(settings, actor="floor")
-    endpoint = ProviderEndpoint(server["token_url"], "client_secret_basic", CLIENT_ID, CLIENT_SECRET, timedelta(hours=1))
+    endpoint = ProviderEndpoint(
+        server["token_url"], "client_secret_basic", CLIENT_ID, CLIENT_SECRET, timedelta(hours=1)
+    )
     with rt.engine.connect() as conn:
         ids = [r[0] for r in conn.execute(text("SELECT id FROM connections ORDER BY id"))]
     pairs = list(zip(ids, tokens, strict=False))
@@ -199,10 +205,15 @@ def _floor_run(url: str, keys: str, server: dict[str, Any], tokens: list[tuple[s
     def one(item: tuple[str, tuple[str, str]]) -> None:
         cid, (_, refresh_token) = item
         tokens_ = rt.oauth.refresh(endpoint, refresh_token)
-        access_ct = sealing.seal(rt.keyring, sealing.CONNECTIONS, cid, sealing.ACCESS_TOKEN, tokens_.access_token)
+        access_ct = sealing.seal(
+            rt.keyring, sealing.CONNECTIONS, cid, sealing.ACCESS_TOKEN, tokens_.access_token
+        )
         with rt.engine.begin() as conn:
             conn.execute(
-                text("UPDATE connections SET access_token_ct = :a, version = version + 1 WHERE id = :id"),
+                text(
+                    "UPDATE connections SET access_token_ct = :a, version = version + 1"
+                    " WHERE id = :id"
+                ),
                 {"a": access_ct, "id": cid},
             )
         rt.cache.put(cid, 2, tokens_.expires_at, access_ct, 3000)
@@ -217,7 +228,12 @@ def _floor_run(url: str, keys: str, server: dict[str, Any], tokens: list[tuple[s
     cpu = time.process_time() - cpu0
     delete_prefix(redis.Redis.from_url(settings.redis_url.get_secret_value()), prefix)
     rt.close()
-    return {"refreshed": counter[0], "elapsed_s": elapsed, "per_s": counter[0] / elapsed, "cpu_ms_per_refresh": cpu * 1000 / counter[0]}
+    return {
+        "refreshed": counter[0],
+        "elapsed_s": elapsed,
+        "per_s": counter[0] / elapsed,
+        "cpu_ms_per_refresh": cpu * 1000 / counter[0],
+    }
 
 
 def run(args: Any) -> dict[str, Any]:
@@ -234,9 +250,19 @@ def run(args: Any) -> dict[str, Any]:
                     settings = bench_settings(floor_url, keys, new_prefix("floorload"))
                     migrate(settings)
                     rt = Runtime(settings, actor="floor")
-                    provider_id = add_provider(rt, ProviderSpec("dev", server["token_url"], CLIENT_ID, CLIENT_SECRET))
+                    provider_id = add_provider(
+                        rt, ProviderSpec("dev", server["token_url"], CLIENT_ID, CLIENT_SECRET)
+                    )
                     rt.close()
-                    load_connections(floor_url, keys=keys, primary=None, provider_id=provider_id, count=len(fresh), due=len(fresh), tokens=fresh)
+                    load_connections(
+                        floor_url,
+                        keys=keys,
+                        primary=None,
+                        provider_id=provider_id,
+                        count=len(fresh),
+                        due=len(fresh),
+                        tokens=fresh,
+                    )
                     floor = _floor_run(floor_url, keys, server, fresh, args)
             info = machine(url)
     finally:
@@ -260,14 +286,18 @@ def _markdown(r: dict[str, Any]) -> str:
         "|---|---|",
         f"| provider latency | {r['latency_s'] * 1000:.0f} ms |",
         f"| workers x threads | {r['workers']} x {r['threads_per_worker']} |",
-        f"| refreshes (provider / stored) | {g['refreshed_at_provider']} / {g['refreshes_stored']} |",
+        "| refreshes (provider / stored) | "
+        f"{g['refreshed_at_provider']} / {g['refreshes_stored']} |",
         f"| sustained refreshes/s (10 %-90 %) | {g['sustained_per_s']:.0f} |",
         f"| refreshes in flight (Little's law) | {g['in_flight_estimate']} |",
         f"| CPU per refresh (worker + beat) | {g['cpu_ms_per_refresh']:.2f} ms |",
     ]
     if r["floor"]:
         f = r["floor"]
-        lines.append(f"| floor: HTTP + UPDATE + SET, same threads, refreshes/s | {f['per_s']:.0f} (CPU {f['cpu_ms_per_refresh']:.2f} ms each) |")
+        lines.append(
+            "| floor: HTTP + UPDATE + SET, same threads, refreshes/s | "
+            f"{f['per_s']:.0f} (CPU {f['cpu_ms_per_refresh']:.2f} ms each) |"
+        )
         lines.append(f"| grantkeeper / floor | {r['vs_floor']:.2f}x |")
     return "\n".join([*lines, "", machine_line(r["machine"])])
 
@@ -281,7 +311,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--floor", action="store_true", help="also run the floor (benchmark 3)")
     result = run(parser.parse_args())
-    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2, default=str))  # noqa: T201
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2, default=str))
 
 
 if __name__ == "__main__":
