@@ -64,7 +64,11 @@ class Settings(BaseSettings):
     clock_skew_seconds: int = Field(default=30, ge=0)
     # Used when a provider omits expires_in: conservative on purpose.
     default_access_ttl_seconds: int = Field(default=600, ge=1)
-    scan_batch_limit: int = Field(default=5000, ge=1)
+    # Most connections one scan enqueues: at least (refreshes per second) x scan interval.
+    # A million one-hour tokens need about 280/s, 8,400 per 30 s scan.
+    scan_batch_limit: int = Field(default=20000, ge=1)
+    # Connection ids per refresh task (the worker refreshes them one after another).
+    refresh_batch_size: int = Field(default=20, ge=1, le=500)
 
     # HTTP to token endpoints.
     http_connect_timeout_seconds: float = Field(default=5.0, gt=0)

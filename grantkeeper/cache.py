@@ -7,6 +7,7 @@ and never a refresh token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -86,6 +87,14 @@ class TokenCache:
     def mark_queued(self, connection_id: str, ttl: int) -> bool:
         """True if no refresh task is pending for this connection (and now one is)."""
         return bool(self.client.set(self.queued_key(connection_id), b"1", nx=True, ex=ttl))
+
+    def mark_queued_many(self, connection_ids: Sequence[str], ttl: int) -> list[str]:
+        """``mark_queued`` for many connections in one round trip: the ids that were not
+        pending yet (and now are), in the order given."""
+        pipe = self.client.pipeline(transaction=False)
+        for connection_id in connection_ids:
+            pipe.set(self.queued_key(connection_id), b"1", nx=True, ex=ttl)
+        return [cid for cid, ok in zip(connection_ids, pipe.execute(), strict=True) if ok]
 
     def clear_queued(self, connection_id: str) -> None:
         self.client.delete(self.queued_key(connection_id))

@@ -120,10 +120,10 @@ class RefreshService:
 
     def _load(self, connection_id: str) -> tuple[ConnectionRecord, ProviderRecord]:
         with self.rt.engine.connect() as conn:
-            record = repository.get_connection(conn, connection_id)
-            if record is None:
-                raise ConnectionNotFound(f"no connection {connection_id}")
-            provider = repository.get_provider(conn, record.provider_id)
+            found = repository.get_connection_with_provider(conn, connection_id)
+        if found is None:
+            raise ConnectionNotFound(f"no connection {connection_id}")
+        record, provider = found
         if provider is None:
             raise ConnectionNotFound(f"connection {connection_id} has no provider")
         return record, provider

@@ -156,6 +156,30 @@ def get_connection(conn: Connection, connection_id: str) -> ConnectionRecord | N
     return ConnectionRecord.from_row(row) if row else None
 
 
+def get_connection_with_provider(
+    conn: Connection, connection_id: str
+) -> tuple[ConnectionRecord, ProviderRecord | None] | None:
+    """A connection and its provider in one round trip: the refresh path reads both twice
+    (before and under the lock), and each statement is a round trip to the database."""
+    provider_columns = [
+        providers.c[f].label(f"provider__{f}") for f in ProviderRecord.__dataclass_fields__
+    ]
+    row = conn.execute(
+        select(connections, *provider_columns)
+        .select_from(connections.outerjoin(providers, providers.c.id == connections.c.provider_id))
+        .where(connections.c.id == connection_id)
+    ).first()
+    if row is None:
+        return None
+    m = row._mapping
+    provider = None
+    if m["provider__id"] is not None:
+        provider = ProviderRecord(
+            **{f: m[f"provider__{f}"] for f in ProviderRecord.__dataclass_fields__}
+        )
+    return ConnectionRecord.from_row(row), provider
+
+
 def find_connection(conn: Connection, provider_id: str, account: str) -> ConnectionRecord | None:
     row = conn.execute(
         select(connections).where(

@@ -2,12 +2,17 @@
 
 A Redis ``queued`` marker (SET NX with a TTL) makes the scan idempotent: two beats, or a scan
 that overlaps the previous one, enqueue a connection at most once until its task has run.
+
+Due connections go out in batches (``GRANTKEEPER_REFRESH_BATCH_SIZE`` ids per task): a Celery
+task costs about as much CPU as the refresh it carries, so one task per refresh would spend
+half the box on the queue. Each batch gets its own jittered countdown, so the provider still
+sees the refreshes spread over the scan interval, not a burst.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -29,13 +34,25 @@ def queued_marker_ttl(rt: Runtime) -> int:
     return int(max(s.scan_interval_seconds * 4, s.lock_ttl_seconds * 2, 60))
 
 
+def plan_batches(
+    connection_ids: Sequence[str], batch_size: int, window: float, rng: random.Random
+) -> list[tuple[list[str], float]]:
+    """Split ``connection_ids`` (soonest expiry first) into batches of at most ``batch_size``,
+    each with a countdown drawn from ``[0, window)``. Pure: the scan's whole decision."""
+    return [
+        (list(connection_ids[start : start + batch_size]), rng.uniform(0.0, window))
+        for start in range(0, len(connection_ids), batch_size)
+    ]
+
+
 def scan_due(
     rt: Runtime,
-    enqueue: Callable[[str, float], None],
+    enqueue: Callable[[list[str], float], None],
     *,
     now: datetime | None = None,
     rng: random.Random | None = None,
 ) -> ScanResult:
+    """Enqueue every due connection that has no pending task, ``enqueue(batch, countdown)``."""
     settings = rt.settings
     now = now or datetime.now(UTC)
     rng = rng or random.Random()
@@ -47,11 +64,11 @@ def scan_due(
             now,
         )
     ttl = queued_marker_ttl(rt)
+    fresh = rt.cache.mark_queued_many(due_ids, ttl) if due_ids else []
     # Spread the burst over part of one scan interval so a provider sees no spike.
     window = settings.scan_interval_seconds / 2
-    enqueued = 0
-    for connection_id in due_ids:
-        if rt.cache.mark_queued(connection_id, ttl):
-            enqueue(connection_id, rng.uniform(0.0, window))
-            enqueued += 1
-    return ScanResult(due=len(due_ids), enqueued=enqueued, already_queued=len(due_ids) - enqueued)
+    for batch, countdown in plan_batches(fresh, settings.refresh_batch_size, window, rng):
+        enqueue(batch, countdown)
+    return ScanResult(
+        due=len(due_ids), enqueued=len(fresh), already_queued=len(due_ids) - len(fresh)
+    )
