@@ -37,12 +37,14 @@ from sqlalchemy import text
 
 from bench.common import (
     ROOT,
+    PostgresCpu,
     bench_database,
     bench_settings,
     delete_celery_queue,
     delete_prefix,
     key_entry,
     load_connections,
+    log,
     machine,
     machine_line,
     migrate,
@@ -69,7 +71,7 @@ def _devserver(latency: float) -> tuple[subprocess.Popen[str], dict[str, Any]]:
         stdout=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     assert process.stdout is not None
-    return process, json.loads(process.stdout.readline())
+    return process, {**json.loads(process.stdout.readline()), "pid": process.pid}
 
 
 def _mint(admin_url: str, count: int) -> list[tuple[str, str]]:
@@ -95,6 +97,29 @@ def _cpu_seconds(pgids: list[int]) -> float:
                 continue
             total += (int(fields[11]) + int(fields[12])) / ticks
     return total
+
+
+def _redis_server_cpu() -> float:
+    """CPU seconds of every redis-server on this machine (the one the benchmark uses)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "redis-server":
+                continue
+        except OSError:
+            continue
+        total += _process_cpu(int(entry.name))
+    return total
+
+
+def _process_cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -129,7 +154,8 @@ def _grantkeeper_run(
     settings = bench_settings(
         url, keys, prefix,
         celery_queue=queue, scan_interval_seconds=1.0, refresh_margin_seconds=60,
-        scan_batch_limit=5000, worker_concurrency=args.threads,
+        scan_batch_limit=20000, refresh_batch_size=args.batch_size,
+        worker_concurrency=args.threads,
         database_pool_size=max(5, args.threads // 2), http_max_connections=args.threads * 2,
         log_level="WARNING",
     )  # fmt: skip
@@ -155,15 +181,19 @@ def _grantkeeper_run(
     beat = _spawn(["beat", "--loglevel", "WARNING"], env, logs / "gk-bench-beat.log")
     started = time.monotonic()
     cpu_before = _cpu_seconds([p.pid for p in [*workers, beat]])
+    provider_before, redis_before = _process_cpu(server["pid"]), _redis_server_cpu()
     samples: list[tuple[float, int]] = []
     try:
-        while time.monotonic() - started < args.timeout:
-            done = _refreshed(admin) - base
-            samples.append((time.monotonic() - started, done))
-            if done >= len(tokens):
-                break
-            time.sleep(0.5)
-        cpu = _cpu_seconds([p.pid for p in [*workers, beat]]) - cpu_before
+        with PostgresCpu(url) as postgres:
+            while time.monotonic() - started < args.timeout:
+                done = _refreshed(admin) - base
+                samples.append((time.monotonic() - started, done))
+                if done >= len(tokens):
+                    break
+                time.sleep(0.5)
+            cpu = _cpu_seconds([p.pid for p in [*workers, beat]]) - cpu_before
+            provider_cpu = _process_cpu(server["pid"]) - provider_before
+            redis_cpu = _redis_server_cpu() - redis_before
     finally:
         for process in (beat, *workers):
             _stop(process)
@@ -180,6 +210,12 @@ def _grantkeeper_run(
         "elapsed_s": samples[-1][0],
         "sustained_per_s": _sustained(samples, done) if done >= 10 else 0.0,
         "cpu_ms_per_refresh": cpu * 1000 / max(done, 1),
+        # Everything else on the box, per refresh, over the same interval.
+        "cpu_ms_per_refresh_elsewhere": {
+            "postgresql": postgres.seconds * 1000 / max(done, 1),
+            "redis": redis_cpu * 1000 / max(done, 1),
+            "provider (dev server)": provider_cpu * 1000 / max(done, 1),
+        },
         "in_flight_estimate": None,
     }
 
@@ -236,42 +272,55 @@ def _floor_run(
     }
 
 
+def _one_floor(keys: str, server: dict[str, Any], args: Any) -> dict[str, Any]:
+    fresh = _mint(server["admin_url"], args.connections)
+    with bench_database("refresh_floor") as floor_url:
+        settings = bench_settings(floor_url, keys, new_prefix("floorload"))
+        migrate(settings)
+        rt = Runtime(settings, actor="floor")
+        provider_id = add_provider(
+            rt, ProviderSpec("dev", server["token_url"], CLIENT_ID, CLIENT_SECRET)
+        )
+        rt.close()
+        load_connections(
+            floor_url, keys=keys, primary=None, provider_id=provider_id, count=len(fresh),
+            due=len(fresh), tokens=fresh,
+        )  # fmt: skip
+        return _floor_run(floor_url, keys, server, fresh, args)
+
+
+def _median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The run whose ``key`` is the median (the lower middle one for an even count)."""
+    ordered = sorted(runs, key=lambda r: float(r[key]))
+    return {**ordered[(len(ordered) - 1) // 2], f"{key}_runs": [round(r[key], 1) for r in runs]}
+
+
 def run(args: Any) -> dict[str, Any]:
+    """``args.runs`` runs of grantkeeper (and of the floor), alternating, each on fresh grants
+    and a fresh database; the median run of each is reported, with every run's figure."""
     keys = key_entry("kbench")
     process, server = _devserver(args.latency)
+    runs: list[dict[str, Any]] = []
+    floors: list[dict[str, Any]] = []
     try:
-        tokens = _mint(server["admin_url"], args.connections)
-        with bench_database("refresh") as url:
-            result = _grantkeeper_run(url, keys, server, tokens, args)
-            floor = None
+        for i in range(args.runs):
+            log(f"run {i + 1} of {args.runs}")
+            tokens = _mint(server["admin_url"], args.connections)
+            with bench_database("refresh") as url:
+                runs.append(_grantkeeper_run(url, keys, server, tokens, args))
+                info = machine(url)
             if args.floor:
-                fresh = _mint(server["admin_url"], args.connections)
-                with bench_database("refresh_floor") as floor_url:
-                    settings = bench_settings(floor_url, keys, new_prefix("floorload"))
-                    migrate(settings)
-                    rt = Runtime(settings, actor="floor")
-                    provider_id = add_provider(
-                        rt, ProviderSpec("dev", server["token_url"], CLIENT_ID, CLIENT_SECRET)
-                    )
-                    rt.close()
-                    load_connections(
-                        floor_url,
-                        keys=keys,
-                        primary=None,
-                        provider_id=provider_id,
-                        count=len(fresh),
-                        due=len(fresh),
-                        tokens=fresh,
-                    )
-                    floor = _floor_run(floor_url, keys, server, fresh, args)
-            info = machine(url)
+                floors.append(_one_floor(keys, server, args))
     finally:
         _stop(process)
+    result = _median_run(runs, "sustained_per_s")
+    floor = _median_run(floors, "per_s") if floors else None
     result["in_flight_estimate"] = round(result["sustained_per_s"] * max(args.latency, 0.001), 1)
     out = {
         "machine": info, "latency_s": args.latency, "connections": args.connections,
-        "workers": args.workers, "threads_per_worker": args.threads, "grantkeeper": result,
-        "floor": floor, "vs_floor": (result["sustained_per_s"] / floor["per_s"]) if floor else None,
+        "workers": args.workers, "threads_per_worker": args.threads, "runs": args.runs,
+        "refresh_batch_size": args.batch_size, "grantkeeper": result, "floor": floor,
+        "vs_floor": (result["sustained_per_s"] / floor["per_s"]) if floor else None,
         "at": datetime.now(UTC).isoformat(),
     }  # fmt: skip
     name = "refresh_realistic" if args.latency > 0 else "refresh_instant"
@@ -286,17 +335,22 @@ def _markdown(r: dict[str, Any]) -> str:
         "|---|---|",
         f"| provider latency | {r['latency_s'] * 1000:.0f} ms |",
         f"| workers x threads | {r['workers']} x {r['threads_per_worker']} |",
+        f"| connections per refresh task | {r.get('refresh_batch_size', 1)} |",
         "| refreshes (provider / stored) | "
         f"{g['refreshed_at_provider']} / {g['refreshes_stored']} |",
-        f"| sustained refreshes/s (10 %-90 %) | {g['sustained_per_s']:.0f} |",
+        f"| sustained refreshes/s (10 %-90 %), median of {r.get('runs', 1)} runs | "
+        f"**{g['sustained_per_s']:.0f}** (runs: {g.get('sustained_per_s_runs')}) |",
         f"| refreshes in flight (Little's law) | {g['in_flight_estimate']} |",
         f"| CPU per refresh (worker + beat) | {g['cpu_ms_per_refresh']:.2f} ms |",
     ]
+    for where, ms in (g.get("cpu_ms_per_refresh_elsewhere") or {}).items():
+        lines.append(f"| CPU per refresh, {where} | {ms:.2f} ms |")
     if r["floor"]:
         f = r["floor"]
         lines.append(
-            "| floor: HTTP + UPDATE + SET, same threads, refreshes/s | "
-            f"{f['per_s']:.0f} (CPU {f['cpu_ms_per_refresh']:.2f} ms each) |"
+            "| floor: HTTP + UPDATE + SET, same threads, refreshes/s, median | "
+            f"{f['per_s']:.0f} (runs: {f.get('per_s_runs')}; CPU {f['cpu_ms_per_refresh']:.2f} ms"
+            " each) |"
         )
         lines.append(f"| grantkeeper / floor | {r['vs_floor']:.2f}x |")
     return "\n".join([*lines, "", machine_line(r["machine"])])
@@ -309,6 +363,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=64)
     parser.add_argument("--connections", type=int, default=CONNECTIONS)
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=20, help="GRANTKEEPER_REFRESH_BATCH_SIZE")
     parser.add_argument("--floor", action="store_true", help="also run the floor (benchmark 3)")
     result = run(parser.parse_args())
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2, default=str))

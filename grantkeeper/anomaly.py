@@ -83,7 +83,7 @@ class AnomalyDetector:
         at: datetime = row["at"]
         lifetime = (datetime.fromisoformat(expires) - at).total_seconds() if expires else 3600.0
         key = f"{self.prefix}refreshes:{connection_id}"
-        pipe = self.client.pipeline()
+        pipe = self.client.pipeline(transaction=False)  # a counter: MULTI/EXEC buys nothing
         pipe.incr(key)
         pipe.expire(key, window, nx=True)
         count = int(pipe.execute()[0])

@@ -12,11 +12,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis
+from redis.exceptions import LockNotOwnedError
 from redis.lock import Lock
 
 # Write the cache entry only if it is not older than what is there: a slow reader that
 # filled the cache from the database must not overwrite a token a refresh just wrote.
+# KEYS[2..]: keys to delete in the same call (a refresh's crash-window marker).
 _SET_IF_NEWER = """
+for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
 local current = redis.call('GET', KEYS[1])
 if current then
   local v = tonumber(string.match(current, '^(%d+)|'))
@@ -64,12 +67,25 @@ class TokenCache:
         return CachedAccessToken(int(version), int(expires), ciphertext)
 
     def put(
-        self, connection_id: str, version: int, expires_at: datetime, ciphertext: str, ttl: int
+        self,
+        connection_id: str,
+        version: int,
+        expires_at: datetime,
+        ciphertext: str,
+        ttl: int,
+        *,
+        also_delete: Sequence[str] = (),
     ) -> None:
+        """Cache a version unless a newer one is cached. ``also_delete``: keys to drop in the
+        same round trip (the refresh's crash-window marker)."""
         if ttl <= 0:
+            if also_delete:
+                self.client.delete(*also_delete)
             return
         value = f"{version}|{int(expires_at.timestamp())}|{ciphertext}"
-        self._set_if_newer(keys=[self.access_key(connection_id)], args=[version, value, ttl])
+        self._set_if_newer(
+            keys=[self.access_key(connection_id), *also_delete], args=[version, value, ttl]
+        )
 
     def drop(self, connection_id: str) -> None:
         self.client.delete(self.access_key(connection_id))
@@ -128,6 +144,15 @@ class TokenCache:
         return removed
 
 
+# KEYS: the lock, the in-flight marker. ARGV: our lock token, lock TTL (ms), version, marker TTL.
+_RENEW_LOCK_AND_MARK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+return 1
+"""
+
+
 class CrashWindow:
     """Redis bookkeeping for the most dangerous moment: between the provider's answer (the old
     refresh token is now consumed) and the database commit of the new one.
@@ -146,6 +171,7 @@ class CrashWindow:
     def __init__(self, client: redis.Redis, prefix: str):
         self.client = client
         self.prefix = prefix
+        self._begin = client.register_script(_RENEW_LOCK_AND_MARK)
 
     def inflight_key(self, connection_id: str) -> str:
         return f"{self.prefix}inflight:{connection_id}"
@@ -153,8 +179,21 @@ class CrashWindow:
     def parked_key(self, connection_id: str) -> str:
         return f"{self.prefix}parked:{connection_id}"
 
-    def begin(self, connection_id: str, version: int) -> None:
-        self.client.set(self.inflight_key(connection_id), version, ex=self.INFLIGHT_TTL)
+    def begin(self, connection_id: str, version: int, lock: Lock) -> None:
+        """Renew ``lock`` to its full TTL and set the in-flight marker, in one round trip and
+        only while we still own the lock: the provider call that follows gets the whole TTL,
+        and a lock lost meanwhile (a stalled process) leaves no marker and makes no call."""
+        token = lock.local.token
+        if token is None or lock.timeout is None:
+            raise LockNotOwnedError("the refresh lock is not held", lock_name=str(lock.name))
+        renewed = self._begin(
+            keys=[lock.name, self.inflight_key(connection_id)],
+            args=[token, int(lock.timeout * 1000), version, self.INFLIGHT_TTL],
+        )
+        if not renewed:
+            raise LockNotOwnedError(
+                "the refresh lock expired before the provider call", lock_name=str(lock.name)
+            )
 
     def end(self, connection_id: str) -> None:
         self.client.delete(self.inflight_key(connection_id))
@@ -162,6 +201,14 @@ class CrashWindow:
     def died_in_window(self, connection_id: str, version: int) -> bool:
         raw = self.client.get(self.inflight_key(connection_id))
         return raw is not None and int(raw) == version
+
+    def state(self, connection_id: str) -> tuple[str | None, int | None]:
+        """The parked set (if any) and the in-flight marker's version (if any), one round trip."""
+        parked, inflight = self.client.mget(
+            [self.parked_key(connection_id), self.inflight_key(connection_id)]
+        )
+        payload = parked.decode() if isinstance(parked, bytes) else parked
+        return payload, (int(inflight) if inflight is not None else None)
 
     def park(self, connection_id: str, payload: str) -> None:
         self.client.set(self.parked_key(connection_id), payload)
@@ -224,8 +271,17 @@ class ProviderBreaker:
 
     def remaining(self, provider_id: str) -> float:
         """Seconds until the breaker closes; 0 when closed."""
-        ms = int(self.client.pttl(self._keys(provider_id)[1]))
-        return ms / 1000 if ms > 0 else 0.0
+        return self.state(provider_id)[0]
+
+    def state(self, provider_id: str) -> tuple[float, bool]:
+        """Seconds until the breaker closes (0 when closed), and whether failures are being
+        counted (only then does a success need to reset them): one round trip."""
+        fails, open_key, _ = self._keys(provider_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.pttl(open_key)
+        pipe.exists(fails)
+        ms, counting = pipe.execute()
+        return (int(ms) / 1000 if int(ms) > 0 else 0.0), bool(counting)
 
     def record_failure(self, provider_id: str) -> int:
         """Returns the cooldown in seconds if this failure opened the breaker, else 0."""

@@ -106,7 +106,7 @@ def endpoint_for(runtime: Runtime, provider: ProviderRecord) -> ProviderEndpoint
 class _Request:
     reason: str
     force: bool
-    seen_version: int
+    seen_version: int | None  # None: a scheduled refresh, decided under the lock alone
     rotation_cutoff: datetime | None
 
 
@@ -119,7 +119,7 @@ class RefreshService:
     # -- reading ---------------------------------------------------------------------------
 
     def _load(self, connection_id: str) -> tuple[ConnectionRecord, ProviderRecord]:
-        with self.rt.engine.connect() as conn:
+        with self.rt.autocommit_engine.connect() as conn:
             found = repository.get_connection_with_provider(conn, connection_id)
         if found is None:
             raise ConnectionNotFound(f"no connection {connection_id}")
@@ -160,17 +160,21 @@ class RefreshService:
         due": was the refresh token issued before the cutoff, and not yet tried since?
         """
         started = time.monotonic()
-        record, provider = self._load(connection_id)
-        if seen_version is None:
-            seen_version = record.version
+        read_first: tuple[ConnectionRecord, ProviderRecord] | None = None
+        if force or seen_version is not None or wait > 0:
+            # The caller's view of the row matters (a forced or on-demand refresh): read it
+            # before the lock, so that a refresh finishing while we wait counts as done. A
+            # scheduled refresh needs no such view: under the lock, "still due?" decides.
+            read_first = self._load(connection_id)
+            if seen_version is None:
+                seen_version = read_first[0].version
         request = _Request(reason, force, seen_version, rotation_cutoff)
-        if record.status != ACTIVE:
-            return self._skip(Outcome.UNAVAILABLE, record, provider, reason, started)
-        if not self._wanted(record, request):
-            return self._skip(Outcome.NOT_DUE, record, provider, reason, started)
-
-        if self.rt.breaker.remaining(provider.id) > 0:
-            return self._skip(Outcome.PROVIDER_BACKOFF, record, provider, reason, started)
+        if read_first is not None:
+            record, provider = read_first
+            if record.status != ACTIVE:
+                return self._skip(Outcome.UNAVAILABLE, record, provider, reason, started)
+            if not self._wanted(record, request):
+                return self._skip(Outcome.NOT_DUE, record, provider, reason, started)
         settings = self.rt.settings
         lock = self.rt.cache.lock(connection_id, settings.lock_ttl_seconds, None)
         # A dead Redis raises here: no lock, no refresh. The caller retries later.
@@ -178,10 +182,11 @@ class RefreshService:
         if observed is not None:
             return observed
         if not lock.owned():
+            record, provider = read_first or self._load(connection_id)
             return self._skip(Outcome.CONTENDED, record, provider, reason, started)
         lock_waited = time.monotonic() - started
         try:
-            result = self._refresh_locked(connection_id, request, lock)
+            result, provider = self._refresh_locked(connection_id, request, lock)
         finally:
             try:
                 lock.release()
@@ -191,7 +196,7 @@ class RefreshService:
         return result
 
     def _acquire_or_observe(
-        self, lock: redis.lock.Lock, connection_id: str, seen_version: int, wait: float
+        self, lock: redis.lock.Lock, connection_id: str, seen_version: int | None, wait: float
     ) -> RefreshResult | None:
         """Take the lock, or, while someone else holds it, watch the cache for the version they
         are writing. Waiters do not queue on the lock one after another: in a stampede they
@@ -201,6 +206,8 @@ class RefreshService:
         while True:
             if lock.acquire(blocking=False):
                 return None
+            if seen_version is None:
+                return None  # nothing to compare with: contended, not refreshed elsewhere
             cached = self.rt.cache.get(connection_id)
             if cached is not None and cached.version > seen_version:
                 return RefreshResult(
@@ -229,20 +236,36 @@ class RefreshService:
         """Under the lock: has someone else refreshed, revoked, or made it not due?"""
         if record.status != ACTIVE:
             return self._result(Outcome.UNAVAILABLE, record)
+        if request.seen_version is None:  # a scheduled refresh: is it still due?
+            return None if self._wanted(record, request) else self._result(Outcome.NOT_DUE, record)
         if record.version != request.seen_version or not self._wanted(record, request):
             return self._result(Outcome.REFRESHED_ELSEWHERE, record)
         return None
 
     def _refresh_locked(
         self, connection_id: str, request: _Request, lock: redis.lock.Lock
-    ) -> RefreshResult:
+    ) -> tuple[RefreshResult, ProviderRecord]:
         record, provider = self._load(connection_id)
-        if self.rt.crash_window.parked(connection_id) is not None:
+        return self._refresh_loaded(record, provider, request, lock), provider
+
+    def _refresh_loaded(
+        self,
+        record: ConnectionRecord,
+        provider: ProviderRecord,
+        request: _Request,
+        lock: redis.lock.Lock,
+    ) -> RefreshResult:
+        window = self.rt.crash_window
+        parked, inflight_version = window.state(record.id)
+        if parked is not None:
             # A new token set is waiting for the database: never refresh with the old token.
-            return self._commit_parked(connection_id)
+            return self._commit_parked(record.id)
         early = self._nothing_to_do(record, request)
         if early is not None:
             return early
+        breaker_open_for, breaker_counting = self.rt.breaker.state(provider.id)
+        if breaker_open_for > 0:
+            return self._result(Outcome.PROVIDER_BACKOFF, record)
         try:
             refresh_token = self._open_refresh_token(record)
             endpoint = endpoint_for(self.rt, provider)
@@ -261,19 +284,18 @@ class RefreshService:
             )
             self._record_failure(record, exc.error_class, None, next_attempt_at=retry_at)
             return self._result(Outcome.FAILED, record, exc)
-        lock.reacquire()  # the provider call gets the lock's full TTL
-        window = self.rt.crash_window
         # A marker left at this version means an earlier attempt may have rotated the token
         # and died (or lost the answer) before its commit.
-        earlier_attempt_unfinished = window.died_in_window(record.id, record.version)
-        window.begin(record.id, record.version)
+        earlier_attempt_unfinished = inflight_version == record.version
+        window.begin(record.id, record.version, lock)  # and the call gets the lock's full TTL
         try:
             tokens = self.rt.oauth.refresh(endpoint, refresh_token)
         except ProviderError as exc:
             if exc.http_status is not None:
                 window.end(record.id)  # a definite answer: this attempt rotated nothing
             return self._provider_failed(record, provider, exc, earlier_attempt_unfinished)
-        self.rt.breaker.record_success(provider.id)
+        if breaker_counting:
+            self.rt.breaker.record_success(provider.id)
         return self._persist(
             record, tokens, refresh_token, rotation=request.rotation_cutoff is not None
         )
@@ -416,19 +438,27 @@ class RefreshService:
                 keyring, sealing.CONNECTIONS, record.id, sealing.REFRESH_TOKEN, old_refresh
             )
         try:
-            with self.rt.engine.begin() as conn:
+            with self.rt.autocommit_engine.begin() as conn:  # one statement: its own commit
                 written = repository.fenced_update(conn, record.id, record.version, values)
         except SQLAlchemyError:
             return self._park(record, values)
-        self.rt.crash_window.end(record.id)
         new_version = record.version + 1
         if not written:
+            self.rt.crash_window.end(record.id)
             return self._result(Outcome.FAILED, record, FencedWrite("row changed under the lock"))
         ttl = cache_ttl_seconds(
             now, tokens.expires_at, timedelta(seconds=self.rt.settings.min_token_validity_seconds)
         )
         try:
-            self.rt.cache.put(record.id, new_version, tokens.expires_at, access_ct, ttl)
+            # The commit closed the crash window: its marker goes in the cache write's round trip.
+            self.rt.cache.put(
+                record.id,
+                new_version,
+                tokens.expires_at,
+                access_ct,
+                ttl,
+                also_delete=[self.rt.crash_window.inflight_key(record.id)],
+            )
         except redis.RedisError:
             log.warning("cache.write_failed", connection_id=record.id)
         notes = [] if rotated else ["refresh_token_not_rotated"]

@@ -156,19 +156,24 @@ def get_connection(conn: Connection, connection_id: str) -> ConnectionRecord | N
     return ConnectionRecord.from_row(row) if row else None
 
 
+# Built once: the refresh path runs it twice per refresh, and building a SELECT of 29 labelled
+# columns costs more than PostgreSQL takes to answer it.
+_CONNECTION_WITH_PROVIDER = (
+    select(
+        connections,
+        *[providers.c[f].label(f"provider__{f}") for f in ProviderRecord.__dataclass_fields__],
+    )
+    .select_from(connections.outerjoin(providers, providers.c.id == connections.c.provider_id))
+    .where(connections.c.id == bindparam("connection_id"))
+)
+
+
 def get_connection_with_provider(
     conn: Connection, connection_id: str
 ) -> tuple[ConnectionRecord, ProviderRecord | None] | None:
     """A connection and its provider in one round trip: the refresh path reads both twice
     (before and under the lock), and each statement is a round trip to the database."""
-    provider_columns = [
-        providers.c[f].label(f"provider__{f}") for f in ProviderRecord.__dataclass_fields__
-    ]
-    row = conn.execute(
-        select(connections, *provider_columns)
-        .select_from(connections.outerjoin(providers, providers.c.id == connections.c.provider_id))
-        .where(connections.c.id == connection_id)
-    ).first()
+    row = conn.execute(_CONNECTION_WITH_PROVIDER, {"connection_id": connection_id}).first()
     if row is None:
         return None
     m = row._mapping
@@ -248,14 +253,26 @@ def rotation_candidates(conn: Connection, cutoff: datetime, limit: int) -> list[
     return [r.id for r in rows]
 
 
+# Built once; the columns to SET come from the execution parameters (SQLAlchemy compiles,
+# and caches, one statement per set of column names).
+_FENCED_UPDATE = (
+    update(connections)
+    .where(
+        connections.c.id == bindparam("fence_id"),
+        connections.c.version == bindparam("fence_version"),
+    )
+    .values(version=connections.c.version + 1)
+)
+
+
 def fenced_update(
     conn: Connection, connection_id: str, expected_version: int, values: Mapping[str, Any]
 ) -> bool:
     """Apply ``values`` and bump the version, only if nobody wrote since ``expected_version``."""
+    if "version" in values:
+        raise ValueError("the fence bumps the version itself")
     result = conn.execute(
-        update(connections)
-        .where(connections.c.id == connection_id, connections.c.version == expected_version)
-        .values(version=connections.c.version + 1, **values)
+        _FENCED_UPDATE, {**values, "fence_id": connection_id, "fence_version": expected_version}
     )
     return result.rowcount == 1
 
