@@ -8,12 +8,13 @@ default silently.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from config.redis_tls import parse_redis_tls
@@ -159,7 +160,9 @@ class Settings(BaseSettings):
         )
         if unknown:
             raise ValueError(
-                f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+                "unknown setting(s) "
+                + "; ".join(_with_suggestion(k, known) for k in unknown)
+                + " (every setting is listed in the README's Configuration table)"
             )
         return data
 
@@ -222,6 +225,23 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.effective_database_url.startswith("sqlite")
+
+
+def _with_suggestion(name: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.6)
+    return f"{name} (did you mean {close[0]}?)" if close else name
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each bad variable (``GRANTKEEPER_LOCK_TTL_SECONDS: ...``), never its
+    value: the inputs may be secrets."""
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        names = [str(part) for part in error["loc"] if isinstance(part, str)]
+        where = f"{ENV_PREFIX}{names[0].upper()}: " if names else ""
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(where + message)
+    return "; ".join(problems)
 
 
 @functools.cache

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis
-from redis.exceptions import LockNotOwnedError
+from redis.exceptions import LockError, LockNotOwnedError
 from redis.lock import Lock
 
 # Write the cache entry only if it is not older than what is there: a slow reader that
@@ -26,6 +26,15 @@ if current then
   if v and v > tonumber(ARGV[1]) then return 0 end
 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+
+# KEYS[1]: a lock, KEYS[2..]: keys to delete whatever happens. ARGV[1]: our lock token.
+_RELEASE_AND_DELETE = """
+for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
 return 1
 """
 
@@ -48,6 +57,7 @@ class TokenCache:
         self.client = client
         self.prefix = prefix
         self._set_if_newer = client.register_script(_SET_IF_NEWER)
+        self._release = client.register_script(_RELEASE_AND_DELETE)
 
     def access_key(self, connection_id: str) -> str:
         return f"{self.prefix}at:{connection_id}"
@@ -89,6 +99,17 @@ class TokenCache:
 
     def drop(self, connection_id: str) -> None:
         self.client.delete(self.access_key(connection_id))
+
+    def release(self, lock: Lock, *, also_delete: Sequence[str] = ()) -> None:
+        """``lock.release()`` (only while the lock is still ours), and ``also_delete`` dropped
+        in the same round trip: the refresh's queued marker. Raises ``LockNotOwnedError``
+        as redis-py does when the lock expired and someone else may hold it now."""
+        token = lock.local.token
+        if token is None:
+            raise LockError("cannot release a lock that is not held", lock_name=str(lock.name))
+        lock.local.token = None
+        if not self._release(keys=[lock.name, *also_delete], args=[token]):
+            raise LockNotOwnedError("the lock expired before its release", lock_name=str(lock.name))
 
     def lock(self, connection_id: str, ttl: float, wait: float | None) -> Lock:
         """A redis-py lock (SET NX PX with an owner token; Lua release and extend)."""
@@ -204,9 +225,17 @@ class CrashWindow:
 
     def state(self, connection_id: str) -> tuple[str | None, int | None]:
         """The parked set (if any) and the in-flight marker's version (if any), one round trip."""
-        parked, inflight = self.client.mget(
-            [self.parked_key(connection_id), self.inflight_key(connection_id)]
-        )
+        pipe = self.client.pipeline(transaction=False)
+        self.queue_state(pipe, connection_id)
+        return self.parse_state(pipe.execute()[0])
+
+    def queue_state(self, pipe: redis.client.Pipeline, connection_id: str) -> None:
+        """Add the state read to a pipeline (one command): see :meth:`parse_state`."""
+        pipe.mget([self.parked_key(connection_id), self.inflight_key(connection_id)])
+
+    @staticmethod
+    def parse_state(answer: list[bytes | None]) -> tuple[str | None, int | None]:
+        parked, inflight = answer
         payload = parked.decode() if isinstance(parked, bytes) else parked
         return payload, (int(inflight) if inflight is not None else None)
 
@@ -276,11 +305,18 @@ class ProviderBreaker:
     def state(self, provider_id: str) -> tuple[float, bool]:
         """Seconds until the breaker closes (0 when closed), and whether failures are being
         counted (only then does a success need to reset them): one round trip."""
-        fails, open_key, _ = self._keys(provider_id)
         pipe = self.client.pipeline(transaction=False)
+        self.queue_state(pipe, provider_id)
+        return self.parse_state(*pipe.execute())
+
+    def queue_state(self, pipe: redis.client.Pipeline, provider_id: str) -> None:
+        """Add the state read to a pipeline (two commands): see :meth:`parse_state`."""
+        fails, open_key, _ = self._keys(provider_id)
         pipe.pttl(open_key)
         pipe.exists(fails)
-        ms, counting = pipe.execute()
+
+    @staticmethod
+    def parse_state(ms: int, counting: int) -> tuple[float, bool]:
         return (int(ms) / 1000 if int(ms) > 0 else 0.0), bool(counting)
 
     def record_failure(self, provider_id: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
 import re
 import stat
@@ -26,6 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from config.settings import Settings
+from grantkeeper import repository
 from grantkeeper.crypto import Keyring
 from grantkeeper.db import create_db_engine
 from grantkeeper.errors import KeyringError
@@ -76,6 +78,8 @@ class Facts:
     accept_content: list[str] = field(default_factory=list)
     log_http_bodies: bool = False
     log_level: str = "INFO"
+    # provider name -> its token, revocation and authorization URLs (None: not readable)
+    provider_urls: dict[str, list[str]] | None = None
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -365,12 +369,53 @@ def _check_runtime(f: Facts) -> list[CheckResult]:
     return out
 
 
+def _is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_providers(f: Facts) -> list[CheckResult]:
+    """The client secret and every token travel to these URLs: plain HTTP to another host
+    sends them readable to the network."""
+    if f.provider_urls is None:
+        return []
+    plain = sorted(
+        f"{name}: {url}"
+        for name, urls in f.provider_urls.items()
+        for url in urls
+        if urlsplit(url).scheme == "http" and not _is_loopback(urlsplit(url).hostname)
+    )
+    if plain:
+        return [
+            CheckResult(
+                "providers.https",
+                _severity(f.production),
+                "plain-HTTP provider endpoints (tokens and the client secret travel unencrypted): "
+                + "; ".join(plain),
+                "register the provider's https:// URLs (`grantkeeper providers add`)",
+            )
+        ]
+    detail = (
+        f"{len(f.provider_urls)} provider(s), every endpoint https:// (or loopback)"
+        if f.provider_urls
+        else "no provider registered yet"
+    )
+    return [CheckResult("providers.https", "pass", detail)]
+
+
 RULES: tuple[Callable[[Facts], list[CheckResult]], ...] = (
     _check_redis,
     _check_keyring,
     _check_database,
     _check_files,
     _check_runtime,
+    _check_providers,
 )
 
 
@@ -401,6 +446,7 @@ def gather(settings: Settings, *, production: bool, cwd: Path | None = None) -> 
     if not settings.is_sqlite:
         _gather_database(settings, facts)
     _gather_files(settings, facts, cwd)
+    _gather_providers(settings, facts)
     from worker.app import celery_config  # noqa: PLC0415 - the config the worker really uses
 
     facts.accept_content = list(celery_config(settings)["accept_content"])
@@ -455,6 +501,20 @@ def _gather_database(settings: Settings, facts: Facts) -> None:
         facts.db_can_create, facts.db_owns_tables, facts.db_can_rewrite_audit = row
     except SQLAlchemyError as exc:
         facts.db_error = f"{type(exc).__name__}: could not query privileges"
+    finally:
+        engine.dispose()
+
+
+def _gather_providers(settings: Settings, facts: Facts) -> None:
+    engine = create_db_engine(settings)
+    try:
+        with engine.connect() as conn:
+            facts.provider_urls = {
+                p.name: [u for u in (p.token_url, p.revocation_url, p.authorization_url) if u]
+                for p in repository.list_providers(conn)
+            }
+    except SQLAlchemyError:
+        facts.provider_urls = None  # not migrated, or unreachable: the database check says so
     finally:
         engine.dispose()
 

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from config.logging import configure_logging, secrets_held
 from config.presets import PRESETS
-from config.settings import Settings, get_settings
+from config.settings import Settings, describe_validation_error, get_settings
 from grantkeeper import repository
 from grantkeeper.audit import cli_actor
 from grantkeeper.crypto import generate_key_entry
@@ -51,8 +51,9 @@ def _settings() -> Settings:
         return get_settings()
     except ValidationError as exc:
         # One line, as every classified error; the inputs are never echoed (they hold secrets).
-        problems = "; ".join(e["msg"] for e in exc.errors(include_url=False, include_input=False))
-        raise ConfigurationError(f"invalid configuration: {problems}") from None
+        raise ConfigurationError(
+            f"invalid configuration: {describe_validation_error(exc)}"
+        ) from None
     except ValueError as exc:  # e.g. pydantic-settings' SettingsError for an unreadable .env
         raise ConfigurationError(f"invalid configuration: {exc}") from None
 
@@ -557,7 +558,7 @@ def refresh(connection_id: str) -> None:
     )
     err.print(
         f"{connection_id}: {result.outcome.value} (version {result.version},"
-        f" expires {_iso(result.access_expires_at)})"
+        f" expires {_iso(result.access_expires_at) or '-'})"
     )
     if result.error is not None:
         raise result.error
@@ -622,7 +623,7 @@ def _revoke_bulk(
         if provider is not None:
             record = repository.get_provider_by_name(conn, provider)
             if record is None:
-                raise GrantkeeperError(f"no provider named {provider!r}")
+                raise ConnectionNotFound(f"no provider named {provider!r}")
             provider_id = record.id
         ids = repository.connection_ids(conn, provider_id=provider_id)
     if not yes:
@@ -642,11 +643,22 @@ def _revoke_bulk(
             progress=lambda done, _total: bar.update(task, completed=done),
             flush_all_keys=provider is None,
         )
+    if report.via_worker and report.revoked_here:
+        err.print(
+            f"[yellow]the worker stopped making progress: {report.revoked_here} connection(s)"
+            " were revoked by this command instead (see the worker's log for why)[/yellow]"
+        )
     err.print(
         f"{report.revoked}/{report.targeted} revoked in {report.seconds:.1f}s"
         f" ({report.revoked / max(report.seconds, 1e-9):.0f}/s);"
         f" {report.redis_keys_removed} grantkeeper keys removed from Redis"
     )
+    if report.revoked < report.targeted:
+        err.print(
+            f"[red]{report.targeted - report.revoked} connection(s) are NOT revoked:"
+            " `grantkeeper audit --event token.decryption_failed` and the log above say why;"
+            " `grantkeeper revoke ID --local-only` forgets one without the provider[/red]"
+        )
     rt.auditor.emit(
         "compromise.bulk_revoked",
         "ok" if report.revoked == report.targeted else "partial",
@@ -654,6 +666,7 @@ def _revoke_bulk(
         targeted=report.targeted,
         revoked=report.revoked,
         via_worker=report.via_worker,
+        revoked_here=report.revoked_here,
         redis_keys_removed=report.redis_keys_removed,
     )
     out.print("\nWhat remains for a person to do:")
@@ -688,19 +701,31 @@ def audit(
         str | None, typer.Option("--since", help="ISO 8601 time, e.g. 2026-12-01T00:00:00Z")
     ] = None,
     limit: Annotated[
-        int, typer.Option("--limit", min=1, help="At most this many rows (before --follow).")
+        int,
+        typer.Option(
+            "--limit",
+            min=1,
+            help="At most this many rows (before --follow): the newest ones, or with --since"
+            " the first ones from that time.",
+        ),
     ] = 1000,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     follow: Annotated[
         bool, typer.Option("--follow", help="Keep printing new events (Ctrl-C stops).")
     ] = False,
 ) -> None:
-    """Read the audit trail, oldest first; --follow keeps printing new events as they happen."""
+    """Read the audit trail, oldest first: the latest --limit events, or those from --since on;
+    --follow keeps printing new events as they happen."""
     rt = _runtime()
     since_at = _parse_since(since)
     with rt.engine.connect() as conn:
         rows = repository.list_audit_events(
-            conn, connection_id=connection, event=event, since=since_at, limit=limit
+            conn,
+            connection_id=connection,
+            event=event,
+            since=since_at,
+            limit=limit,
+            newest=since_at is None,
         )
     if as_json or follow:
         for row in rows:
@@ -858,6 +883,29 @@ def _describe_io_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).split(' connecting to ')[0][:80]}"
 
 
+# SQLSTATE classes and libpq texts that tell an operator what to fix, without quoting the
+# driver's message (it can name the user, host and database, never the password, but still).
+_DB_REASONS = (
+    ("28P01", "password authentication failed", "authentication failed"),
+    ("28000", "no pg_hba.conf entry", "this host or user is not allowed (pg_hba.conf)"),
+    ("3D000", "does not exist", "the database (or role) does not exist"),
+    ("", "connection refused", "connection refused: nothing listens at that host and port"),
+    ("", "timeout expired", "connection timed out"),
+    ("", "could not translate host name", "the host name does not resolve"),
+    ("", "server closed the connection", "the server closed the connection"),
+    ("", "ssl", "TLS negotiation failed (check sslmode and certificates)"),
+)
+
+
+def _describe_db_error(exc: BaseException | None) -> str:
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    text = str(exc).lower()
+    for state, fragment, reason in _DB_REASONS:
+        if (state and sqlstate == state) or fragment in text:
+            return f"{type(exc).__name__}: {reason}"
+    return type(exc).__name__
+
+
 def _fail(error_class: str, message: str) -> NoReturn:
     """One line on stderr, never a token (any secret this process held is scrubbed), exit 1."""
     text = escape(secrets_held.scrub(message))
@@ -881,7 +929,7 @@ def main() -> None:
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
         _fail(
             "database_unavailable",
-            f"the database did not answer ({type(exc.orig).__name__});"
+            f"the database did not answer ({_describe_db_error(exc.orig)});"
             " check GRANTKEEPER_DATABASE_URL and that the database runs",
         )
     except sqlalchemy.exc.ArgumentError:

@@ -12,13 +12,22 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import structlog
+
 from grantkeeper import repository
+from grantkeeper.errors import GrantkeeperError
 from grantkeeper.models import REVOKED
 from grantkeeper.revoke import RevokeService, withdrawal_note
 from grantkeeper.runtime import Runtime
 
+log = structlog.get_logger("grantkeeper.compromise")
+
 # How long the command waits for the worker to finish before reporting what is left.
 FAN_OUT_TIMEOUT_SECONDS = 900.0
+# If the worker makes no progress for this long (its tasks fail, or it stopped), the command
+# revokes what is left itself. One revocation may wait out a refresh's lock, so this is longer
+# than the lock TTL.
+STALL_MARGIN_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,7 @@ class BulkRevokeReport:
     seconds: float
     redis_keys_removed: int
     manual_withdrawals: list[str]
+    revoked_here: int = 0  # by this process: no worker, or the worker stalled
 
 
 def revoke_many(
@@ -40,20 +50,27 @@ def revoke_many(
     progress: Callable[[int, int], None],
     flush_all_keys: bool,
     local_threads: int = 8,
+    stall_seconds: float | None = None,
 ) -> BulkRevokeReport:
-    """``dispatch`` sends one revoke task (None: no worker, revoke in this process)."""
+    """``dispatch`` sends one revoke task (None: no worker, revoke in this process). When the
+    worker stalls (no connection revoked for ``stall_seconds``), the rest is revoked here:
+    a compromise response must not hang on a broken worker. Revoking is idempotent, so a
+    worker that wakes up meanwhile does no harm."""
     started = time.monotonic()
+    finished_here = 0
     if dispatch is not None:
         for connection_id in ids:
             dispatch(connection_id)
-        done = _wait(rt, ids, progress)
+        stall = stall_seconds or rt.settings.lock_ttl_seconds + STALL_MARGIN_SECONDS
+        done = _wait(rt, ids, progress, stall)
+        if done < len(ids):
+            left = _not_revoked(rt, ids)
+            finished_here = len(left)
+            _revoke_here(rt, left, reason, local_threads, lambda n: progress(done + n, len(ids)))
+            done = _count_revoked(rt, ids)
     else:
-        service = RevokeService(rt)
-        finished = 0
-        with ThreadPoolExecutor(local_threads) as pool:
-            for _ in pool.map(lambda cid: service.revoke(cid, reason=reason), ids):
-                finished += 1
-                progress(finished, len(ids))
+        finished_here = len(ids)
+        _revoke_here(rt, ids, reason, local_threads, lambda n: progress(n, len(ids)))
         done = _count_revoked(rt, ids)
     removed = _forget_in_redis(rt, ids, flush_all_keys)
     return BulkRevokeReport(
@@ -63,7 +80,41 @@ def revoke_many(
         seconds=time.monotonic() - started,
         redis_keys_removed=removed,
         manual_withdrawals=_manual_withdrawals(rt, ids),
+        revoked_here=finished_here,
     )
+
+
+def _revoke_here(
+    rt: Runtime,
+    ids: Sequence[str],
+    reason: str,
+    threads: int,
+    progress: Callable[[int], None],
+) -> None:
+    """Revoke in this process, a few at a time. One connection that cannot be revoked is
+    audited by the service and reported at the end (not revoked); it does not stop the rest."""
+    service = RevokeService(rt)
+
+    def one(connection_id: str) -> None:
+        try:
+            service.revoke(connection_id, reason=reason)
+        except GrantkeeperError as exc:
+            log.warning(
+                "compromise.revoke_failed",
+                connection_id=connection_id,
+                error_class=exc.error_class,
+            )
+
+    finished = 0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(one, ids):
+            finished += 1
+            progress(finished)
+
+
+def _not_revoked(rt: Runtime, ids: Sequence[str]) -> list[str]:
+    with rt.engine.connect() as conn:
+        return repository.ids_without_status(conn, ids, REVOKED)
 
 
 def _count_revoked(rt: Runtime, ids: Sequence[str]) -> int:
@@ -71,16 +122,26 @@ def _count_revoked(rt: Runtime, ids: Sequence[str]) -> int:
         return repository.count_with_status(conn, ids, REVOKED)
 
 
-def _wait(rt: Runtime, ids: Sequence[str], progress: Callable[[int, int], None]) -> int:
-    deadline = time.monotonic() + FAN_OUT_TIMEOUT_SECONDS
-    done = 0
-    while time.monotonic() < deadline:
-        done = _count_revoked(rt, ids)
-        progress(done, len(ids))
-        if done >= len(ids):
-            break
+def _wait(
+    rt: Runtime, ids: Sequence[str], progress: Callable[[int, int], None], stall: float
+) -> int:
+    """Until every connection is revoked, the worker stalls, or the overall deadline."""
+    now = time.monotonic()
+    deadline = now + FAN_OUT_TIMEOUT_SECONDS
+    done, last_change = -1, now
+    while now < deadline:
+        count = _count_revoked(rt, ids)
+        progress(count, len(ids))
+        if count >= len(ids):
+            return count
+        if count != done:
+            done, last_change = count, now
+        elif now - last_change > stall:
+            log.warning("compromise.worker_stalled", revoked=done, left=len(ids) - done)
+            return done
         time.sleep(0.5)
-    return done
+        now = time.monotonic()
+    return max(done, 0)
 
 
 def _forget_in_redis(rt: Runtime, ids: Sequence[str], flush_all_keys: bool) -> int:

@@ -77,9 +77,12 @@ class Keyring:
                 continue
             kid, sep, encoded = entry.partition(":")
             if not sep or not KEY_ID_PATTERN.fullmatch(kid):
+                # Never quote the entry: without its ':' the "key id" may be the key itself.
+                position = len(keys) + 1
                 raise KeyringError(
-                    f"keyring entry {kid[:32]!r} is not 'KEY_ID:BASE64KEY' with a key id of"
-                    f" letters, digits, '_' or '-': {GENERATE_HINT}"
+                    f"keyring entry {position} is not 'KEY_ID:BASE64KEY' with a key id of"
+                    f" letters, digits, '_' or '-' (entries are separated by ','):"
+                    f" {GENERATE_HINT}"
                 )
             if kid in keys:
                 raise KeyringError(f"key id {kid!r} appears twice in the keyring")
@@ -134,7 +137,9 @@ class Keyring:
             plain = self._cipher(kid).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
         except InvalidTag as exc:
             raise DecryptionError(
-                "ciphertext failed authentication (tampered, or copied from another row/field)",
+                "ciphertext failed authentication: tampered, copied from another row or field,"
+                f" or this process's key {kid!r} is not the key that sealed it (the same key id"
+                " with other key material: check GRANTKEEPER_ENCRYPTION_KEYS on this host)",
                 key_id=kid,
                 reason="tampered",
             ) from exc

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
@@ -69,6 +69,7 @@ class RefreshResult:
     access_token_ct: str | None = None
     error: GrantkeeperError | None = None
     notes: tuple[str, ...] = ()
+    queued_cleared: bool = False  # the scan's queued marker went with the lock's release
 
     @property
     def ok(self) -> bool:
@@ -151,6 +152,7 @@ class RefreshService:
         wait: float = 0.0,
         seen_version: int | None = None,
         rotation_cutoff: datetime | None = None,
+        clear_queued: bool = False,
     ) -> RefreshResult:
         """Refresh one connection if it is due (or ``force``), under its lock.
 
@@ -158,6 +160,8 @@ class RefreshService:
         it by the time we hold the lock, someone else refreshed and we return their result.
         ``rotation_cutoff``: the monthly rotation's question instead of "is the access token
         due": was the refresh token issued before the cutoff, and not yet tried since?
+        ``clear_queued``: drop the scan's queued marker with the lock's release (the task's
+        job, done in the same round trip); ``RefreshResult.queued_cleared`` says if it was.
         """
         started = time.monotonic()
         read_first: tuple[ConnectionRecord, ProviderRecord] | None = None
@@ -185,15 +189,16 @@ class RefreshService:
             record, provider = read_first or self._load(connection_id)
             return self._skip(Outcome.CONTENDED, record, provider, reason, started)
         lock_waited = time.monotonic() - started
+        queued = [self.rt.cache.queued_key(connection_id)] if clear_queued else []
         try:
             result, provider = self._refresh_locked(connection_id, request, lock)
         finally:
             try:
-                lock.release()
+                self.rt.cache.release(lock, also_delete=queued)
             except LockError:
                 log.warning("refresh.lock_lost", connection_id=connection_id)
         self._audit(result, provider, reason, started, lock_waited)
-        return result
+        return replace(result, queued_cleared=clear_queued)
 
     def _acquire_or_observe(
         self, lock: redis.lock.Lock, connection_id: str, seen_version: int | None, wait: float
@@ -256,14 +261,19 @@ class RefreshService:
         lock: redis.lock.Lock,
     ) -> RefreshResult:
         window = self.rt.crash_window
-        parked, inflight_version = window.state(record.id)
+        # The crash window's and the provider breaker's state in one round trip.
+        pipe = self.rt.redis.pipeline(transaction=False)
+        window.queue_state(pipe, record.id)
+        self.rt.breaker.queue_state(pipe, provider.id)
+        window_state, breaker_ms, breaker_fails = pipe.execute()
+        parked, inflight_version = window.parse_state(window_state)
+        breaker_open_for, breaker_counting = self.rt.breaker.parse_state(breaker_ms, breaker_fails)
         if parked is not None:
             # A new token set is waiting for the database: never refresh with the old token.
             return self._commit_parked(record.id)
         early = self._nothing_to_do(record, request)
         if early is not None:
             return early
-        breaker_open_for, breaker_counting = self.rt.breaker.state(provider.id)
         if breaker_open_for > 0:
             return self._result(Outcome.PROVIDER_BACKOFF, record)
         try:

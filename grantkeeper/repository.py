@@ -723,8 +723,12 @@ def list_audit_events(
     since: datetime | None = None,
     after_id: int | None = None,
     limit: int = 1000,
+    newest: bool = False,
 ) -> list[dict[str, Any]]:
-    query = select(audit_events).order_by(audit_events.c.id).limit(limit)
+    """Matching events, oldest first: the first ``limit`` of them, or with ``newest`` the
+    last ``limit`` (what an operator asking "what happened lately?" wants)."""
+    order = audit_events.c.id.desc() if newest else audit_events.c.id
+    query = select(audit_events).order_by(order).limit(limit)
     if connection_id is not None:
         query = query.where(audit_events.c.connection_id == connection_id)
     if event is not None:
@@ -738,7 +742,7 @@ def list_audit_events(
         item = dict(row._mapping)
         item["at"] = _utc(item["at"])
         out.append(item)
-    return out
+    return out[::-1] if newest else out
 
 
 # -- revocation --------------------------------------------------------------------------------
@@ -809,6 +813,21 @@ def connection_ids(
     if exclude_status is not None:
         query = query.where(connections.c.status != exclude_status)
     return [r.id for r in conn.execute(query)]
+
+
+def ids_without_status(conn: Connection, ids: Sequence[str], status: str) -> list[str]:
+    """Those of ``ids`` whose status is not ``status``."""
+    left: list[str] = []
+    for start in range(0, len(ids), 1000):
+        chunk = ids[start : start + 1000]
+        left.extend(
+            conn.execute(
+                select(connections.c.id).where(
+                    connections.c.id.in_(chunk), connections.c.status != status
+                )
+            ).scalars()
+        )
+    return left
 
 
 def count_with_status(conn: Connection, ids: Sequence[str], status: str) -> int:

@@ -174,12 +174,33 @@ class RevokeService:
         elif provider.revocation_url is None:
             outcome, note = "no_endpoint", withdrawal_note(provider)
         else:
-            endpoint = endpoint_for(self.rt, provider)
-            for hint, token in tokens.items():
-                answer = revoke_token(self.rt.oauth, provider.revocation_url, endpoint, token, hint)
-                answers[hint] = _describe(answer)
-                if not answer.done:
-                    unrevoked[hint] = token
+            try:
+                endpoint = endpoint_for(self.rt, provider)
+            except DecryptionError as exc:
+                # Without the client secret the provider cannot be asked now. That must not
+                # hold the local revocation back: the tokens are parked for the retry, which
+                # succeeds once the key that opens the secret is configured again.
+                self.rt.auditor.emit(
+                    decryption_event(exc),
+                    "error",
+                    connection_id=record.id,
+                    provider=provider.name,
+                    key_id=exc.key_id,
+                    column=sealing.CLIENT_SECRET,
+                    reason=exc.reason,
+                )
+                answers = dict.fromkeys(
+                    tokens, f"not sent: client secret unreadable ({exc.reason})"
+                )
+                unrevoked = dict(tokens)
+            else:
+                for hint, token in tokens.items():
+                    answer = revoke_token(
+                        self.rt.oauth, provider.revocation_url, endpoint, token, hint
+                    )
+                    answers[hint] = _describe(answer)
+                    if not answer.done:
+                        unrevoked[hint] = token
             outcome = "failed_will_retry" if unrevoked else "revoked"
         self._destroy_locally(record, provider, unrevoked)
         cleared = self._forget_in_redis(record.id)
@@ -271,17 +292,35 @@ class RevokeService:
                 attempts=row["attempts"],
             )
             return False
-        token = sealing.unseal(
-            self.rt.keyring, PENDING, pending_id, TOKEN_COLUMN, str(row["token_ct"])
-        )
-        answer = revoke_token(
-            self.rt.oauth,
-            provider.revocation_url,
-            endpoint_for(self.rt, provider),
-            token,
-            str(row["token_type_hint"]),
-        )
         attempts = int(str(row["attempts"]))
+        try:
+            token = sealing.unseal(
+                self.rt.keyring, PENDING, pending_id, TOKEN_COLUMN, str(row["token_ct"])
+            )
+            endpoint = endpoint_for(self.rt, provider)
+        except DecryptionError as exc:
+            # One unreadable row (a key not configured on this process) must not stop the
+            # other retries: it waits, and is abandoned after GIVE_UP_AFTER like any other.
+            with self.rt.engine.begin() as conn:
+                repository.postpone_pending_revocation(
+                    conn,
+                    pending_id,
+                    next_attempt_at=now + timedelta(seconds=backoff_seconds(attempts, cap=3600)),
+                    error=f"unreadable here ({exc.reason})",
+                )
+            self.rt.auditor.emit(
+                decryption_event(exc),
+                "error",
+                connection_id=str(row["connection_id"]),
+                provider=provider.name,
+                key_id=exc.key_id,
+                reason=exc.reason,
+                source="pending_revocation",
+            )
+            return False
+        answer = revoke_token(
+            self.rt.oauth, provider.revocation_url, endpoint, token, str(row["token_type_hint"])
+        )
         with self.rt.engine.begin() as conn:
             if answer.done:
                 repository.delete_pending_revocation(conn, pending_id)

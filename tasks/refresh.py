@@ -62,6 +62,7 @@ def _refresh_one(connection_id: str, reason: str, seen_version: int | None) -> s
             rotation_cutoff=cutoff,
             force=seen_version is not None,
             seen_version=seen_version,
+            clear_queued=True,
         )
     except ConnectionNotFound:
         # Deleted (a provider removed) after it was queued: nothing to refresh, nothing to retry.
@@ -74,10 +75,11 @@ def _refresh_one(connection_id: str, reason: str, seen_version: int | None) -> s
             "refresh.redis_unavailable", connection_id=connection_id, error_class=type(exc).__name__
         )
         return "redis_unavailable"
-    try:
-        rt.cache.clear_queued(connection_id)
-    except redis.RedisError:
-        log.warning("refresh.queued_marker_left", connection_id=connection_id)
+    if not result.queued_cleared:  # it returned before taking the lock
+        try:
+            rt.cache.clear_queued(connection_id)
+        except redis.RedisError:
+            log.warning("refresh.queued_marker_left", connection_id=connection_id)
     return result.outcome.value
 
 

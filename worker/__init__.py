@@ -11,14 +11,14 @@ import sys
 
 from pydantic import ValidationError
 
+from config.settings import describe_validation_error
 from worker.app import create_app
 
 try:
     app = create_app()
 except ValidationError as _exc:
     # One line per problem, no traceback, inputs never echoed (they hold secrets).
-    _problems = "; ".join(e["msg"] for e in _exc.errors(include_url=False, include_input=False))
-    print(f"grantkeeper: invalid configuration: {_problems}", file=sys.stderr)
+    print(f"grantkeeper: invalid configuration: {describe_validation_error(_exc)}", file=sys.stderr)
     raise SystemExit(78) from None
 
 __all__ = ["app"]

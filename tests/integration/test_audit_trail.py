@@ -15,6 +15,7 @@ from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import DBAPIError
 
 from config.settings import Settings
+from grantkeeper import repository
 from grantkeeper.devserver import DevOAuthServer
 from grantkeeper.models import audit_events
 from grantkeeper.refresh import RefreshService
@@ -126,3 +127,15 @@ def test_cli_reads_filters_and_follows(
             follower.stdout.close()
     with runtime.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(audit_events)).scalar_one() >= 3
+
+
+def test_limit_keeps_the_newest_events_unless_since_is_given(runtime: Runtime) -> None:
+    """``grantkeeper audit --limit N`` answers "what happened lately": the last N events,
+    oldest first. With ``--since`` it is the first N from that time."""
+    for n in range(5):
+        runtime.auditor.emit("test.step", "ok", step=n)
+    with runtime.engine.connect() as conn:
+        latest = repository.list_audit_events(conn, event="test.step", limit=2, newest=True)
+        first = repository.list_audit_events(conn, event="test.step", limit=2)
+    assert [r["details"]["step"] for r in latest] == [3, 4]
+    assert [r["details"]["step"] for r in first] == [0, 1]

@@ -18,7 +18,9 @@ from sqlalchemy import select, update
 from config.settings import Settings
 from grantkeeper import repository, sealing
 from grantkeeper.api import TokenReader
+from grantkeeper.compromise import revoke_many
 from grantkeeper.connections import ProviderSpec, add_provider, import_connection
+from grantkeeper.crypto import Keyring, generate_key_entry
 from grantkeeper.errors import ConnectionUnavailable
 from grantkeeper.models import REVOKED, audit_events, pending_revocations, providers
 from grantkeeper.refresh import Outcome, RefreshService
@@ -215,3 +217,70 @@ def test_revoke_all_through_worker(
     runtime.redis.delete(foreign)
     with runtime.engine.connect() as conn:
         assert repository.count_by_status(conn) == {"revoked": 20}
+
+
+def test_unreadable_client_secret_still_revokes_locally(runtime: Runtime, peer: OidcPeer) -> None:
+    """A provider whose client secret this process cannot open (sealed under a key it does
+    not have) cannot be asked to revoke now. The local revocation completes all the same, the
+    failure is audited, and the tokens wait for the retry, which revokes them at the provider
+    once the secret opens again."""
+    _provider(runtime, peer)
+    connection_id, tokens = _connect(runtime, peer, "erin")
+    with runtime.engine.connect() as conn:
+        provider = repository.get_provider_by_name(conn, "oidc")
+    assert provider is not None
+    foreign = Keyring.parse(generate_key_entry())
+    unreadable = sealing.seal(
+        foreign, sealing.PROVIDERS, provider.id, sealing.CLIENT_SECRET, CLIENT.client_secret
+    )
+    with runtime.engine.begin() as conn:
+        conn.execute(update(providers).values(client_secret_ct=unreadable))
+
+    result = RevokeService(runtime).revoke(connection_id, reason="test")
+    assert result.provider_outcome == "failed_will_retry"
+    assert all("client secret unreadable" in a for a in result.answers.values())
+    with runtime.engine.connect() as conn:
+        record = repository.get_connection(conn, connection_id)
+        events = [r.event for r in conn.execute(select(audit_events.c.event))]
+        assert repository.count_pending_revocations(conn) == 2
+    assert record is not None
+    assert record.status == REVOKED
+    assert record.refresh_token_ct is None
+    assert record.access_token_ct is None
+    assert "token.decryption_failed" in events
+    assert peer.introspect(CLIENT, tokens["refresh_token"])["active"] is True
+
+    # Still unreadable: the retry postpones instead of failing the whole retry run.
+    later = datetime.now(UTC) + timedelta(hours=2)
+    assert RevokeService(runtime, clock=lambda: later).retry_pending() == (0, 2)
+    with runtime.engine.begin() as conn:
+        conn.execute(update(providers).values(client_secret_ct=provider.client_secret_ct))
+    much_later = later + timedelta(hours=2)
+    assert RevokeService(runtime, clock=lambda: much_later).retry_pending() == (2, 0)
+    assert peer.introspect(CLIENT, tokens["refresh_token"])["active"] is False
+
+
+def test_bulk_revoke_finishes_itself_when_the_worker_stalls(
+    runtime: Runtime, peer: OidcPeer
+) -> None:
+    """The compromise runbook must not hang on a broken worker: when no connection is revoked
+    for the stall interval (here every task is lost), the command revokes the rest itself."""
+    _provider(runtime, peer)
+    ids = [_connect(runtime, peer, f"stall-{i}")[0] for i in range(3)]
+    sent: list[str] = []
+    seen: list[tuple[int, int]] = []
+    report = revoke_many(
+        runtime,
+        ids,
+        reason="test",
+        dispatch=sent.append,
+        progress=lambda done, total: seen.append((done, total)),
+        flush_all_keys=False,
+        stall_seconds=1.0,
+    )
+    assert sorted(sent) == sorted(ids)
+    assert report.via_worker
+    assert (report.targeted, report.revoked, report.revoked_here) == (3, 3, 3)
+    assert seen[-1] == (3, 3)
+    with runtime.engine.connect() as conn:
+        assert repository.count_by_status(conn) == {"revoked": 3}

@@ -32,6 +32,7 @@ def _facts(**overrides: object) -> Facts:
         "file_modes": {".env": stat.S_IFREG | 0o600},
         "env_tracked_by_git": False,
         "accept_content": ["json"],
+        "provider_urls": {"acme": ["https://acme.example/oauth/token"]},
         "now": datetime(2026, 12, 3, tzinfo=UTC),
     }
     base.update(overrides)
@@ -81,6 +82,11 @@ def test_a_hardened_production_setup_passes() -> None:
         ({"env_tracked_by_git": True}, "files.env_untracked"),
         ({"accept_content": ["json", "pickle"]}, "celery.json_only"),
         ({"log_http_bodies": True}, "logging.http_bodies"),
+        ({"provider_urls": {"acme": ["http://acme.example/oauth/token"]}}, "providers.https"),
+        (
+            {"provider_urls": {"a": ["https://a.example/t", "http://10.1.2.3/revoke"]}},
+            "providers.https",
+        ),
     ],
 )
 def test_each_unsafe_setting_fails_in_production(override: dict[str, object], check: str) -> None:
@@ -118,3 +124,14 @@ def test_old_primary_key_warns() -> None:
     """A primary key more than a year old is a warning to rotate."""
     results = evaluate(_facts(now=datetime(2028, 6, 1, tzinfo=UTC)))
     assert _by_check(results)["keyring.age"] == "warn"
+
+
+def test_loopback_http_provider_passes() -> None:
+    """Plain HTTP to a loopback address (the dev server, a local sidecar) never leaves the
+    host, so it passes; no providers at all pass too."""
+    for urls in (
+        {"dev": ["http://127.0.0.1:8765/token", "http://localhost:8765/revoke"]},
+        {"dev6": ["http://[::1]:8765/token"]},
+        {},
+    ):
+        assert _by_check(evaluate(_facts(provider_urls=urls)))["providers.https"] == "pass"

@@ -175,9 +175,13 @@ def test_parse_rejects_bad_key_id(kid: str) -> None:
 
 
 def test_parse_rejects_entry_without_separator() -> None:
-    """An entry without 'kid:' is refused."""
-    with pytest.raises(KeyringError, match="KEY_ID:BASE64KEY"):
-        Keyring.parse(_key_b64())
+    """An entry without 'kid:' is refused, and the message quotes no part of it: without its
+    separator, the entry is the key itself."""
+    key = _key_b64()
+    with pytest.raises(KeyringError, match="KEY_ID:BASE64KEY") as refused:
+        Keyring.parse(f"k1:{_key_b64()},{key}")
+    assert "entry 2" in str(refused.value)
+    assert not any(key[i : i + 6] in str(refused.value) for i in range(len(key) - 6))
 
 
 def test_parse_accepts_full_range_of_key_id_characters() -> None:

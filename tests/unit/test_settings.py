@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from config.settings import ENV_PREFIX, Settings
+from config.settings import ENV_PREFIX, Settings, describe_validation_error
 
 DB_PASSWORD = "dbPw-6d1f0c2a9e"
 REDIS_PASSWORD = "redisPw-83b7e4d0c1"
@@ -59,6 +59,29 @@ def test_unknown_environment_variable_is_rejected(
     monkeypatch.setenv(name, "1")
     with pytest.raises(ValidationError, match=f"unknown setting\\(s\\) {name}\\b"):
         make()
+
+
+def test_a_typo_names_the_closest_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusal suggests the setting that was probably meant, instead of listing all."""
+    monkeypatch.setenv("GRANTKEEPER_SCAN_INTERVL_SECONDS", "3")
+    with pytest.raises(ValidationError, match="did you mean GRANTKEEPER_SCAN_INTERVAL_SECONDS"):
+        make()
+
+
+def test_invalid_values_are_reported_by_variable_name_without_the_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each bad value is named by its environment variable; the value itself (it may be a
+    secret) is never quoted."""
+    monkeypatch.setenv("GRANTKEEPER_LOCK_TTL_SECONDS", "not-a-number-s3cr3t")
+    monkeypatch.setenv("GRANTKEEPER_API_REFRESH", "sometimes")
+    with pytest.raises(ValidationError) as refused:
+        make()
+    text = describe_validation_error(refused.value)
+    assert "GRANTKEEPER_LOCK_TTL_SECONDS: Input should be a valid number" in text
+    assert "GRANTKEEPER_API_REFRESH: Input should be 'inline' or 'worker'" in text
+    assert "s3cr3t" not in text
+    assert "sometimes" not in text
 
 
 def test_unrelated_environment_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
