@@ -18,7 +18,7 @@ import redis
 import structlog
 
 from grantkeeper import repository, sealing
-from grantkeeper.audit import decryption_event
+from grantkeeper.audit import audit_decryption_failure
 from grantkeeper.errors import (
     ConnectionNotFound,
     ConnectionUnavailable,
@@ -59,13 +59,11 @@ class TokenReader:
         try:
             token = self._open(connection_id, cached.ciphertext)
         except DecryptionError as exc:
-            self.rt.auditor.emit(
-                decryption_event(exc),
-                "error",
+            audit_decryption_failure(
+                self.rt.auditor,
+                exc,
                 connection_id=connection_id,
-                key_id=exc.key_id,
                 source="cache",
-                reason=exc.reason,
             )
             self.rt.cache.drop(connection_id)
             return None
@@ -143,14 +141,12 @@ class TokenReader:
             try:
                 token = self._open(connection_id, record.access_token_ct)
             except DecryptionError as exc:
-                self.rt.auditor.emit(
-                    decryption_event(exc),
-                    "error",
+                audit_decryption_failure(
+                    self.rt.auditor,
+                    exc,
                     connection_id=connection_id,
-                    key_id=exc.key_id,
                     source="database",
                     column="access_token_ct",
-                    reason=exc.reason,
                 )
                 raise
             assert record.access_expires_at is not None  # noqa: S101 - is_servable checked it

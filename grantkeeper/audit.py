@@ -30,6 +30,12 @@ def decryption_event(exc: DecryptionError) -> str:
     return "token.tampered" if exc.reason == "tampered" else "token.decryption_failed"
 
 
+def audit_decryption_failure(auditor: Auditor, exc: DecryptionError, **context: Any) -> None:
+    """The audit event of a ciphertext that did not open: ``token.tampered`` or
+    ``token.decryption_failed``, with its key id and reason, plus where it happened."""
+    auditor.emit(decryption_event(exc), "error", key_id=exc.key_id, reason=exc.reason, **context)
+
+
 def worker_actor() -> str:
     return f"worker:{socket.gethostname()}:{os.getpid()}"
 

@@ -27,7 +27,7 @@ from redis.exceptions import LockError
 from sqlalchemy.exc import SQLAlchemyError
 
 from grantkeeper import repository, sealing
-from grantkeeper.audit import decryption_event
+from grantkeeper.audit import audit_decryption_failure
 from grantkeeper.errors import (
     ConnectionNotFound,
     DatabaseUnavailable,
@@ -281,13 +281,11 @@ class RefreshService:
             endpoint = endpoint_for(self.rt, provider)
         except DecryptionError as exc:
             # Never sent anywhere, never overwritten: the stored ciphertext stays as evidence.
-            self.rt.auditor.emit(
-                decryption_event(exc),
-                "error",
+            audit_decryption_failure(
+                self.rt.auditor,
+                exc,
                 connection_id=record.id,
                 provider=provider.name,
-                key_id=exc.key_id,
-                reason=exc.reason,
             )
             retry_at = self.clock() + timedelta(
                 seconds=backoff_seconds(record.failure_count, base=60, cap=3600)

@@ -21,7 +21,7 @@ from redis.exceptions import LockError
 
 from config.presets import PRESETS
 from grantkeeper import repository, sealing
-from grantkeeper.audit import decryption_event
+from grantkeeper.audit import audit_decryption_failure
 from grantkeeper.errors import ConnectionNotFound, DecryptionError, LockNotAcquired
 from grantkeeper.models import REVOKED
 from grantkeeper.oauth import RevocationAnswer, revoke_token
@@ -145,13 +145,11 @@ class RevokeService:
                     self.rt.keyring, sealing.CONNECTIONS, record.id, column, ciphertext
                 )
             except DecryptionError as exc:
-                self.rt.auditor.emit(
-                    decryption_event(exc),
-                    "error",
+                audit_decryption_failure(
+                    self.rt.auditor,
+                    exc,
                     connection_id=record.id,
-                    key_id=exc.key_id,
                     column=column,
-                    reason=exc.reason,
                 )
         return tokens
 
@@ -180,14 +178,12 @@ class RevokeService:
                 # Without the client secret the provider cannot be asked now. That must not
                 # hold the local revocation back: the tokens are parked for the retry, which
                 # succeeds once the key that opens the secret is configured again.
-                self.rt.auditor.emit(
-                    decryption_event(exc),
-                    "error",
+                audit_decryption_failure(
+                    self.rt.auditor,
+                    exc,
                     connection_id=record.id,
                     provider=provider.name,
-                    key_id=exc.key_id,
                     column=sealing.CLIENT_SECRET,
-                    reason=exc.reason,
                 )
                 answers = dict.fromkeys(
                     tokens, f"not sent: client secret unreadable ({exc.reason})"
@@ -308,13 +304,11 @@ class RevokeService:
                     next_attempt_at=now + timedelta(seconds=backoff_seconds(attempts, cap=3600)),
                     error=f"unreadable here ({exc.reason})",
                 )
-            self.rt.auditor.emit(
-                decryption_event(exc),
-                "error",
+            audit_decryption_failure(
+                self.rt.auditor,
+                exc,
                 connection_id=str(row["connection_id"]),
                 provider=provider.name,
-                key_id=exc.key_id,
-                reason=exc.reason,
                 source="pending_revocation",
             )
             return False
