@@ -184,11 +184,16 @@ def _run(
             signal.signal(signal.SIGTERM, previous)
             _cleanup(rt, provider_id, prefix, queue)
     console.print(_table(state, stats, seconds, seconds))
-    console.print(
+    # Progress and the table go to stderr; the one-line verdict also to stdout, for scripts
+    # (`./dev demo > result.txt`).
+    summary = (
         f"summary: {state.refreshed} refreshed, {state.failed} failed,"
         f" {valid}/{total} still valid at the provider,"
         f" {stats.get('reuse_detections', 0)} reuse detections"
     )
+    console.print(summary)
+    if not sys.stdout.isatty() or not sys.stderr.isatty():
+        print(summary, flush=True)
     ok = valid == total and stats.get("reuse_detections", 0) == 0 and state.refreshed >= total
     return 0 if ok else 1
 

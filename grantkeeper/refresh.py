@@ -182,13 +182,14 @@ class RefreshService:
         settings = self.rt.settings
         lock = self.rt.cache.lock(connection_id, settings.lock_ttl_seconds, None)
         # A dead Redis raises here: no lock, no refresh. The caller retries later.
+        lock_asked = time.monotonic()
         observed = self._acquire_or_observe(lock, connection_id, seen_version, wait)
         if observed is not None:
             return observed
         if not lock.owned():
             record, provider = read_first or self._load(connection_id)
             return self._skip(Outcome.CONTENDED, record, provider, reason, started)
-        lock_waited = time.monotonic() - started
+        lock_waited = time.monotonic() - lock_asked
         queued = [self.rt.cache.queued_key(connection_id)] if clear_queued else []
         try:
             result, provider = self._refresh_locked(connection_id, request, lock)
