@@ -131,17 +131,6 @@ def bench_settings(
     )
 
 
-def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment that makes a child process (celery, the CLI) build the same settings."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GRANTKEEPER_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            plain = value.get_secret_value() if hasattr(value, "get_secret_value") else value
-            env[f"GRANTKEEPER_{name.upper()}"] = str(plain)
-    env.update(extra)
-    return env
-
-
 def migrate(settings: Settings) -> None:
     engine = create_db_engine(settings)
     try:
@@ -506,7 +495,7 @@ def save_result(name: str, data: dict[str, Any], markdown: str) -> Path:
 # -- CPU accounting ----------------------------------------------------------------------------
 
 
-def _cpu_seconds(pid: int) -> float | None:
+def process_cpu_seconds(pid: int) -> float | None:
     """utime + stime of one process, in seconds (None once it is gone)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
@@ -542,7 +531,7 @@ class PostgresCpu:
         for pid, backend_type, ours in rows:
             if not ours and backend_type not in self.SHARED:
                 continue
-            seconds = _cpu_seconds(int(pid))
+            seconds = process_cpu_seconds(int(pid))
             if seconds is None:
                 continue
             if pid not in self._first:

@@ -36,7 +36,7 @@ import psycopg
 
 from bench import common
 from config.logging import configure_logging
-from config.settings import Settings
+from config.settings import Settings, settings_env
 from grantkeeper import sealing
 from grantkeeper.crypto import Keyring, associated_data
 from grantkeeper.runtime import Runtime
@@ -82,7 +82,7 @@ def _start_rotation(
     with log.open("wb") as err, out.open("wb") as stdout:
         process = subprocess.Popen(
             [str(GRANTKEEPER), "keys", "rotate", "--json", "--batch-size", str(batch_size)],
-            env=common.settings_env(settings, GRANTKEEPER_LOG_LEVEL="WARNING"),
+            env=settings_env(settings, GRANTKEEPER_LOG_LEVEL="WARNING"),
             cwd=workdir,  # no developer .env there
             stdout=stdout,
             stderr=err,

@@ -49,10 +49,11 @@ from bench.common import (
     machine_line,
     migrate,
     new_prefix,
+    process_cpu_seconds,
     process_group,
     save_result,
-    settings_env,
 )
+from config.settings import settings_env
 from grantkeeper import sealing
 from grantkeeper.connections import ProviderSpec, add_provider
 from grantkeeper.oauth import ProviderEndpoint
@@ -87,16 +88,8 @@ def _refreshed(admin_url: str) -> int:
 
 
 def _cpu_seconds(pgids: list[int]) -> float:
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pgid in pgids:
-        for pid in process_group(pgid):
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
+    """CPU seconds of every process in these process groups."""
+    return sum(process_cpu_seconds(pid) or 0.0 for pgid in pgids for pid in process_group(pgid))
 
 
 def _redis_server_cpu() -> float:
@@ -110,16 +103,8 @@ def _redis_server_cpu() -> float:
                 continue
         except OSError:
             continue
-        total += _process_cpu(int(entry.name))
+        total += process_cpu_seconds(int(entry.name)) or 0.0
     return total
-
-
-def _process_cpu(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -181,7 +166,7 @@ def _grantkeeper_run(
     beat = _spawn(["beat", "--loglevel", "WARNING"], env, logs / "gk-bench-beat.log")
     started = time.monotonic()
     cpu_before = _cpu_seconds([p.pid for p in [*workers, beat]])
-    provider_before, redis_before = _process_cpu(server["pid"]), _redis_server_cpu()
+    provider_before, redis_before = (process_cpu_seconds(server["pid"]) or 0.0), _redis_server_cpu()
     samples: list[tuple[float, int]] = []
     try:
         with PostgresCpu(url) as postgres:
@@ -192,7 +177,7 @@ def _grantkeeper_run(
                     break
                 time.sleep(0.5)
             cpu = _cpu_seconds([p.pid for p in [*workers, beat]]) - cpu_before
-            provider_cpu = _process_cpu(server["pid"]) - provider_before
+            provider_cpu = (process_cpu_seconds(server["pid"]) or 0.0) - provider_before
             redis_cpu = _redis_server_cpu() - redis_before
     finally:
         for process in (beat, *workers):

@@ -39,7 +39,7 @@ import httpx
 
 from bench import common
 from config.logging import configure_logging
-from config.settings import Settings
+from config.settings import Settings, settings_env
 from grantkeeper.runtime import Runtime
 
 TARGET_GROWTH = 0.10
@@ -89,7 +89,7 @@ def _stop(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
 def _start_worker(
     settings: Settings, workdir: Path, app: str, hostname: str, extra_env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
-    env = common.settings_env(settings, PYTHONPATH=str(common.ROOT), **extra_env)
+    env = settings_env(settings, PYTHONPATH=str(common.ROOT), **extra_env)
     log = (workdir / "worker.log").open("wb")
     return subprocess.Popen(
         [

@@ -244,6 +244,19 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(problems)
 
 
+def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment that makes a child process (celery, the CLI) build the same settings:
+    this process's environment without its ``GRANTKEEPER_*`` variables, plus every set field
+    of ``settings`` (secrets in plain text: for a child's environment only), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(ENV_PREFIX)}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            plain = value.get_secret_value() if isinstance(value, SecretStr) else value
+            env[f"{ENV_PREFIX}{name.upper()}"] = str(plain)
+    env.update(extra)
+    return env
+
+
 @functools.cache
 def get_settings() -> Settings:
     """The process's settings, read from the environment once."""

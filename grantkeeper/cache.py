@@ -219,18 +219,9 @@ class CrashWindow:
     def end(self, connection_id: str) -> None:
         self.client.delete(self.inflight_key(connection_id))
 
-    def died_in_window(self, connection_id: str, version: int) -> bool:
-        raw = self.client.get(self.inflight_key(connection_id))
-        return raw is not None and int(raw) == version
-
-    def state(self, connection_id: str) -> tuple[str | None, int | None]:
-        """The parked set (if any) and the in-flight marker's version (if any), one round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        self.queue_state(pipe, connection_id)
-        return self.parse_state(pipe.execute()[0])
-
     def queue_state(self, pipe: redis.client.Pipeline, connection_id: str) -> None:
-        """Add the state read to a pipeline (one command): see :meth:`parse_state`."""
+        """Add the state read to a pipeline (one command): the parked set, if any, and the
+        in-flight marker's version, if any; see :meth:`parse_state`."""
         pipe.mget([self.parked_key(connection_id), self.inflight_key(connection_id)])
 
     @staticmethod
@@ -298,19 +289,10 @@ class ProviderBreaker:
         base = f"{self.prefix}breaker:{provider_id}"
         return [f"{base}:fails", f"{base}:open", f"{base}:level"]
 
-    def remaining(self, provider_id: str) -> float:
-        """Seconds until the breaker closes; 0 when closed."""
-        return self.state(provider_id)[0]
-
-    def state(self, provider_id: str) -> tuple[float, bool]:
-        """Seconds until the breaker closes (0 when closed), and whether failures are being
-        counted (only then does a success need to reset them): one round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        self.queue_state(pipe, provider_id)
-        return self.parse_state(*pipe.execute())
-
     def queue_state(self, pipe: redis.client.Pipeline, provider_id: str) -> None:
-        """Add the state read to a pipeline (two commands): see :meth:`parse_state`."""
+        """Add the state read to a pipeline (two commands): seconds until the breaker closes
+        (0 when closed), and whether failures are being counted (only then does a success
+        need to reset them); see :meth:`parse_state`."""
         fails, open_key, _ = self._keys(provider_id)
         pipe.pttl(open_key)
         pipe.exists(fails)

@@ -23,7 +23,7 @@ from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
 import redis
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from config.settings import Settings
@@ -443,10 +443,15 @@ def gather(settings: Settings, *, production: bool, cwd: Path | None = None) -> 
     )
     _gather_redis(facts)
     _gather_keyring(settings, facts)
-    if not settings.is_sqlite:
-        _gather_database(settings, facts)
     _gather_files(settings, facts, cwd)
-    _gather_providers(settings, facts)
+    if not settings.is_sqlite or settings.sqlite_path.exists():  # check creates no database
+        engine = create_db_engine(settings)
+        try:
+            if not settings.is_sqlite:
+                _gather_database(engine, facts)
+            _gather_providers(engine, facts)
+        finally:
+            engine.dispose()
     from worker.app import celery_config  # noqa: PLC0415 - the config the worker really uses
 
     facts.accept_content = list(celery_config(settings)["accept_content"])
@@ -484,8 +489,7 @@ def _gather_keyring(settings: Settings, facts: Facts) -> None:
     facts.primary_id = keyring.primary_id
 
 
-def _gather_database(settings: Settings, facts: Facts) -> None:
-    engine = create_db_engine(settings)
+def _gather_database(engine: Engine, facts: Facts) -> None:
     try:
         with engine.connect() as conn:
             row = conn.execute(
@@ -501,12 +505,9 @@ def _gather_database(settings: Settings, facts: Facts) -> None:
         facts.db_can_create, facts.db_owns_tables, facts.db_can_rewrite_audit = row
     except SQLAlchemyError as exc:
         facts.db_error = f"{type(exc).__name__}: could not query privileges"
-    finally:
-        engine.dispose()
 
 
-def _gather_providers(settings: Settings, facts: Facts) -> None:
-    engine = create_db_engine(settings)
+def _gather_providers(engine: Engine, facts: Facts) -> None:
     try:
         with engine.connect() as conn:
             facts.provider_urls = {
@@ -515,8 +516,6 @@ def _gather_providers(settings: Settings, facts: Facts) -> None:
             }
     except SQLAlchemyError:
         facts.provider_urls = None  # not migrated, or unreachable: the database check says so
-    finally:
-        engine.dispose()
 
 
 def _gather_files(settings: Settings, facts: Facts, cwd: Path) -> None:

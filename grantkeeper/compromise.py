@@ -128,20 +128,20 @@ def _wait(
     """Until every connection is revoked, the worker stalls, or the overall deadline."""
     now = time.monotonic()
     deadline = now + FAN_OUT_TIMEOUT_SECONDS
-    done, last_change = -1, now
-    while now < deadline:
+    done: int | None = None
+    last_change = now
+    while True:
         count = _count_revoked(rt, ids)
         progress(count, len(ids))
-        if count >= len(ids):
+        if count >= len(ids) or now >= deadline:
             return count
         if count != done:
             done, last_change = count, now
         elif now - last_change > stall:
-            log.warning("compromise.worker_stalled", revoked=done, left=len(ids) - done)
-            return done
+            log.warning("compromise.worker_stalled", revoked=count, left=len(ids) - count)
+            return count
         time.sleep(0.5)
         now = time.monotonic()
-    return max(done, 0)
 
 
 def _forget_in_redis(rt: Runtime, ids: Sequence[str], flush_all_keys: bool) -> int:

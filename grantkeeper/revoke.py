@@ -104,11 +104,10 @@ class RevokeService:
 
     def _load(self, connection_id: str) -> tuple[ConnectionRecord, ProviderRecord]:
         with self.rt.engine.connect() as conn:
-            record = repository.get_connection(conn, connection_id)
-            provider = repository.get_provider(conn, record.provider_id) if record else None
-        if record is None or provider is None:
+            found = repository.get_connection_with_provider(conn, connection_id)
+        if found is None or found[1] is None:
             raise ConnectionNotFound(f"no connection {connection_id}")
-        return record, provider
+        return found[0], found[1]
 
     def _parked_ciphertexts(self, record: ConnectionRecord) -> dict[str, str]:
         """A token set parked during a database outage is the newest one: revoke that."""

@@ -8,20 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from config.settings import Settings
+from config.settings import settings_env
+
+__all__ = ["ROOT", "settings_env", "start_celery", "stop"]  # settings_env: re-exported
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment that makes a child process build the same settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRANTKEEPER_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            plain = value.get_secret_value() if hasattr(value, "get_secret_value") else value
-            env[f"GRANTKEEPER_{name.upper()}"] = str(plain)
-    env.update(extra)
-    return env
 
 
 def start_celery(role: str, env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen[bytes]:
